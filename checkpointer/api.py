@@ -1,0 +1,70 @@
+"""One-off saves and loads: ``checkpointer.save(url, state)`` / ``checkpointer.load(url)``."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from . import commit
+from .errors import StateTreeError
+from .info import CheckpointInfo
+from .naming import check_name
+from .storage import open_store, split_url
+from .tree import flatten, resolve_state, unflatten
+
+__all__ = ["save", "load", "load_with_manifest", "read_metadata"]
+
+
+def save(url: str | os.PathLike[str], state: Any, *, metadata: Any = None,
+         storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
+    """Write ``state`` as the checkpoint folder ``url`` (replacing one already there safely).
+
+    ``metadata`` is any tree of plain values (no arrays), stored in the manifest.
+
+    Example::
+
+        checkpointer.save("ckpt/final", {"w": np.zeros(3)}, metadata={"lr": 0.1})
+    """
+    parent, name = split_url(os.fspath(url))
+    check_name(name)
+    store = open_store(parent, storage_options)
+    skeleton, arrays = flatten(resolve_state(state))
+    meta_skeleton = None
+    if metadata is not None:
+        meta_skeleton, meta_arrays = flatten(metadata)
+        if meta_arrays:
+            raise StateTreeError("metadata must hold plain values only, not arrays")
+    now = time.time()
+    from . import __version__
+    fields = {"step": None, "epoch": None, "metrics": {}, "time": now, "managed": False,
+              "seq": -1, "library": f"checkpointer-engine {__version__}", "metadata": meta_skeleton}
+    nbytes = commit.write_checkpoint(store, name, skeleton, arrays, fields)
+    return CheckpointInfo(name, store.url_of(name), None, None, {}, now, nbytes)
+
+
+def load_with_manifest(url: str | os.PathLike[str], *, verify: bool = True,
+                       storage_options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(state, manifest)`` of the checkpoint folder ``url``."""
+    parent, name = split_url(os.fspath(url))
+    return commit.load_checkpoint(open_store(parent, storage_options), name, verify=verify)
+
+
+def load(url: str | os.PathLike[str], *, verify: bool = True,
+         storage_options: dict[str, Any] | None = None) -> Any:
+    """The state tree stored in the checkpoint folder ``url``; every checksum checked unless
+    ``verify=False``.
+
+    Raises:
+        CheckpointNotFoundError: ``url`` holds no checkpoint.
+        CorruptCheckpointError: (a subclass of) when any byte fails its checks.
+    """
+    return load_with_manifest(url, verify=verify, storage_options=storage_options)[0]
+
+
+def read_metadata(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> Any:
+    """The user metadata stored with :func:`save` (``None`` when there is none)."""
+    parent, name = split_url(os.fspath(url))
+    manifest = commit.read_manifest(open_store(parent, storage_options), name)
+    meta = manifest.get("metadata")
+    return None if meta is None else unflatten(meta, {})

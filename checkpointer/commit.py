@@ -1,0 +1,310 @@
+"""The commit protocol: how a checkpoint reaches storage so that it is whole or absent.
+
+Stores with atomic rename (local disk): data files and the manifest are written and
+fsynced in a temporary folder ``.ckpt-tmp-<name>-<owner>``, the folder is fsynced and
+renamed into place, then the parent folder is fsynced. Replacing a name first moves the
+old folder aside to ``.ckpt-old-<name>-<owner>``; startup cleanup finishes or undoes an
+interrupted swap. Object stores: data objects ``data-<owner>-NNNNN.safetensors`` are
+written into the checkpoint folder, then the manifest as one object (the commit point),
+then the old data objects that the new manifest no longer names are deleted. Readers
+ignore folders without a valid manifest. An ``owner`` is ``host.pid.random``: cleanup
+removes only leftovers of owners that are provably dead (this host, process gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import socket
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import format as fmt
+from .errors import CheckpointError, CheckpointNotFoundError, ManifestError
+from .storage import Store
+
+__all__ = ["write_checkpoint", "read_manifest", "load_checkpoint", "cleanup", "new_owner",
+           "MANIFEST_MAGIC", "TMP_PREFIX", "OLD_PREFIX", "DEFAULT_MAX_FILE_BYTES"]
+
+MANIFEST_MAGIC = b"CKPTMAN1"
+TMP_PREFIX = ".ckpt-tmp-"
+OLD_PREFIX = ".ckpt-old-"
+DEFAULT_MAX_FILE_BYTES = 4 << 30
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+_OWNER_RE = re.compile(r"(?P<host>[A-Za-z0-9]+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-f]+)")
+_DATA_RE = re.compile(r"^data-(?:(?P<owner>[A-Za-z0-9]+\.\d+\.[0-9a-f]+)-)?\d{5}\.safetensors$")
+_active: set[str] = set()
+_active_lock = threading.Lock()
+
+
+def new_owner() -> str:
+    """A fresh owner token, registered as live in this process until released."""
+    token = f"{_HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+    with _active_lock:
+        _active.add(token)
+    return token
+
+
+def _release(owner: str) -> None:
+    with _active_lock:
+        _active.discard(owner)
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True only when ``owner`` ran on this host and its process (or its save) is gone."""
+    m = _OWNER_RE.fullmatch(owner)
+    if m is None or m["host"] != _HOST:
+        return False
+    pid = int(m["pid"])
+    if pid == os.getpid():
+        with _active_lock:
+            return owner not in _active
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _plan(arrays: Sequence[tuple[str, np.ndarray]], max_file_bytes: int) -> list[list[tuple[str, np.ndarray]]]:
+    groups: list[list[tuple[str, np.ndarray]]] = [[]]
+    size = 0
+    for key, arr in arrays:
+        if groups[-1] and size + arr.nbytes > max_file_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((key, arr))
+        size += arr.nbytes
+    return groups
+
+
+def write_checkpoint(
+    store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, np.ndarray]],
+    fields: dict[str, Any], *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> int:
+    """Write and commit checkpoint ``name``; returns its size in bytes.
+
+    ``fields`` are the manifest's own entries (step, epoch, metrics, time, metadata, ...).
+    On any error nothing becomes visible under ``name`` and an earlier checkpoint of that
+    name is left intact; the error propagates.
+    """
+    owner = new_owner()
+    try:
+        if store.atomic_rename:
+            return _write_renaming(store, name, skeleton, arrays, fields, owner, max_file_bytes)
+        return _write_object_store(store, name, skeleton, arrays, fields, owner, max_file_bytes)
+    finally:
+        _release(owner)
+
+
+def _write_files(store: Store, folder: str, prefix: str, skeleton: Any,
+                 arrays: Sequence[tuple[str, np.ndarray]], fields: dict[str, Any],
+                 max_file_bytes: int) -> tuple[int, list[str]]:
+    files, tensors = [], []
+    for i, group in enumerate(_plan(arrays, max_file_bytes)):
+        fname = f"{prefix}{i:05d}.safetensors"
+        with store.writer(f"{folder}/{fname}") as w:
+            frec, trecs = fmt.write_safetensors(w, fname, group)
+        files.append(frec)
+        tensors += trecs
+    manifest = {
+        "format": "checkpointer", "version": fmt.FORMAT_VERSION, **fields, "tree": skeleton,
+        "files": [[f.name, f.nbytes, f.crc32c] for f in files],
+        "tensors": [[t.key, t.file, t.dtype, list(t.shape), t.begin, t.end, t.crc32c] for t in tensors],
+    }
+    blob = fmt.encode_framed(MANIFEST_MAGIC, manifest)
+    with store.writer(f"{folder}/{fmt.MANIFEST_NAME}") as w:
+        w.write(blob)
+    return sum(f.nbytes for f in files) + len(blob), [f.name for f in files]
+
+
+def _write_renaming(store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, np.ndarray]],
+                    fields: dict[str, Any], owner: str, max_file_bytes: int) -> int:
+    tmp = f"{TMP_PREFIX}{name}-{owner}"
+    store.makedirs("")
+    store.makedirs(tmp)
+    try:
+        nbytes, _ = _write_files(store, tmp, "data-", skeleton, arrays, fields, max_file_bytes)
+        store.fsync_dir(tmp)
+        if store.exists(name):
+            old = f"{OLD_PREFIX}{name}-{owner}"
+            store.rename(name, old)
+            store.rename(tmp, name)
+            store.fsync_dir("")
+            with contextlib.suppress(CheckpointError):
+                store.remove_tree(old)
+        else:
+            store.rename(tmp, name)
+        store.fsync_dir("")
+        return nbytes
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if store.exists(tmp):
+                store.remove_tree(tmp)
+        raise
+
+
+def _write_object_store(store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, np.ndarray]],
+                        fields: dict[str, Any], owner: str, max_file_bytes: int) -> int:
+    before = {p.split("/", 1)[1] for p in store.list_files() if p.startswith(name + "/") and "/" in p.rstrip("/")}
+    written: list[str] = []
+    try:
+        nbytes, written = _write_files(store, name, f"data-{owner}-", skeleton, arrays, fields, max_file_bytes)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            for f in store.list_files():
+                if f.startswith(f"{name}/data-{owner}-"):
+                    store.remove_file(f)
+        raise
+    for old in before - set(written) - {fmt.MANIFEST_NAME}:
+        if _DATA_RE.match(old):
+            with contextlib.suppress(CheckpointError):
+                store.remove_file(f"{name}/{old}")
+    return nbytes
+
+
+_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": str, "version": int, "tree": list, "files": list, "tensors": list,
+}
+
+
+def read_manifest(store: Store, name: str) -> dict[str, Any]:
+    """Decode and validate ``name``'s manifest (not its data files)."""
+    where = store.url_of(f"{name}/{fmt.MANIFEST_NAME}")
+    try:
+        size = store.size(f"{name}/{fmt.MANIFEST_NAME}")
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(f"{store.url_of(name)} is not a checkpoint (no manifest)") from None
+    if size > fmt.MAX_MANIFEST_BYTES + 64:
+        raise ManifestError(f"{where}: {size} bytes, over the cap of {fmt.MAX_MANIFEST_BYTES}")
+    m = fmt.decode_framed(store.read_bytes(f"{name}/{fmt.MANIFEST_NAME}"), MANIFEST_MAGIC, where)
+    if not isinstance(m, dict) or any(not isinstance(m.get(k), t) for k, t in _MANIFEST_FIELDS.items()):
+        raise ManifestError(f"{where}: required fields missing or of the wrong type")
+    if m["format"] != "checkpointer" or m["version"] != fmt.FORMAT_VERSION:
+        raise ManifestError(f"{where}: format {m['format']!r} version {m['version']!r} is not supported")
+    names = set()
+    for f in m["files"]:
+        if not (isinstance(f, list) and len(f) == 3 and all(type(x) is int for x in f[1:])):
+            raise ManifestError(f"{where}: file entry {f!r:.80} is malformed")
+        fmt.check_file_name(f[0], where)
+        if f[0] in names or f[0] == fmt.MANIFEST_NAME:
+            raise fmt.DuplicateKeyError(f"{where}: file {f[0]!r} listed twice")
+        names.add(f[0])
+    keys = set()
+    for t in m["tensors"]:
+        if not (isinstance(t, list) and len(t) == 7 and isinstance(t[0], str) and t[1] in names
+                and isinstance(t[2], str) and isinstance(t[3], list)
+                and all(type(x) is int for x in (*t[3], *t[4:]))):
+            raise ManifestError(f"{where}: tensor entry {t!r:.80} is malformed")
+        if t[0] in keys:
+            raise fmt.DuplicateKeyError(f"{where}: tensor {t[0]!r:.80} listed twice")
+        keys.add(t[0])
+    return m
+
+
+def load_checkpoint(store: Store, name: str, *, verify: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Read checkpoint ``name``: ``(tree, manifest)``. Verifies every checksum unless told not to."""
+    from .tree import unflatten
+
+    manifest = read_manifest(store, name)
+    by_file: dict[str, dict[str, list[Any]]] = {f[0]: {} for f in manifest["files"]}
+    for t in manifest["tensors"]:
+        by_file[t[1]][t[0]] = t
+    arrays: dict[str, np.ndarray] = {}
+    for fname, nbytes, crc in manifest["files"]:
+        arrays.update(_load_file(store, f"{name}/{fname}", nbytes, crc, by_file[fname], verify))
+    return unflatten(manifest["tree"], arrays), manifest
+
+
+def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str, list[Any]],
+               verify: bool) -> dict[str, np.ndarray]:
+    where = store.url_of(rel)
+    try:
+        size = store.size(rel)
+    except CheckpointNotFoundError:
+        raise ManifestError(f"{where}: data file named by the manifest is missing") from None
+    if size < nbytes:
+        raise fmt.TruncatedFileError(f"{where}: {size} bytes, the manifest says {nbytes}")
+    if size > nbytes:
+        raise fmt.TrailingDataError(f"{where}: {size} bytes, the manifest says {nbytes}")
+    with store.open_read(rel) as f:
+        entries, head_crc = fmt.read_header(f, size, where)
+        got = {e.key: [e.code, list(e.shape), e.begin, e.end] for e in entries}
+        want = {k: [t[2], t[3], t[4], t[5]] for k, t in expected.items()}
+        if got != want:
+            raise ManifestError(f"{where}: tensors in the file disagree with the manifest")
+        crcs = {k: t[6] for k, t in expected.items()} if verify else None
+        arrays, file_crc = fmt.read_tensors(f, entries, crcs, where, head_crc)
+    if verify and file_crc != crc:
+        raise fmt.ChecksumMismatchError(f"{where}: file checksum does not match")
+    return arrays
+
+
+def _owner_of(entry: str, prefix: str) -> tuple[str, str] | None:
+    """``(name, owner)`` of a ``<prefix><name>-<owner>`` leftover."""
+    body = entry[len(prefix):]
+    name, _, owner = body.rpartition("-")
+    return (name, owner) if name and _OWNER_RE.fullmatch(owner) else None
+
+
+def cleanup(store: Store, listing: Sequence[str] | None = None) -> list[str]:
+    """Remove the engine's own unfinished leftovers whose writer is dead; return what went.
+
+    Finishes or undoes an interrupted replacement (``.ckpt-old-*``), deletes temporary
+    folders and orphaned data objects. Never touches anything it did not write, nor the
+    leftovers of a writer that may still be running.
+    """
+    files = list(store.list_files() if listing is None else listing)
+    top = {p.split("/", 1)[0] for p in files}
+    removed: list[str] = []
+    for entry in sorted(top):
+        if entry.startswith(OLD_PREFIX) and (parsed := _owner_of(entry, OLD_PREFIX)):
+            name, owner = parsed
+            if owner_is_dead(owner):
+                if f"{name}/{fmt.MANIFEST_NAME}" in files:
+                    store.remove_tree(entry)
+                else:
+                    store.rename(entry, name)
+                removed.append(entry)
+        elif entry.startswith(TMP_PREFIX) and (parsed := _owner_of(entry, TMP_PREFIX)):
+            if owner_is_dead(parsed[1]):
+                if entry + "/" in files:
+                    store.remove_tree(entry)
+                else:
+                    store.remove_file(entry)
+                removed.append(entry)
+    if not store.atomic_rename:
+        removed += _cleanup_objects(store, files)
+    return removed
+
+
+def _cleanup_objects(store: Store, files: Sequence[str]) -> list[str]:
+    removed: list[str] = []
+    folders: dict[str, list[str]] = {}
+    for p in files:
+        if "/" in p and not p.endswith("/"):
+            folder, base = p.split("/", 1)
+            folders.setdefault(folder, []).append(base)
+    for folder, bases in folders.items():
+        if folder.startswith("."):
+            continue
+        ours = [b for b in bases if (m := _DATA_RE.match(b)) and m["owner"] and owner_is_dead(m["owner"])]
+        if not ours:
+            continue
+        if fmt.MANIFEST_NAME in bases:
+            try:
+                referenced = {f[0] for f in read_manifest(store, folder)["files"]}
+            except CheckpointError:
+                continue  # a broken manifest: leave the evidence alone
+            ours = [b for b in ours if b not in referenced]
+        for b in ours:
+            store.remove_file(f"{folder}/{b}")
+            removed.append(f"{folder}/{b}")
+    return removed

@@ -1,0 +1,292 @@
+"""Format v1: safetensors data files plus a checksummed msgpack manifest.
+
+Writing streams each file: the header is computed from shapes and dtypes alone, then every
+array's bytes go straight from its memory to the destination while crc32c runs over the
+same buffer. Reading is hostile-input safe: every size is capped and checked against the
+real file length before anything is allocated, offsets must tile the data exactly, dtypes
+are allow-listed, keys unique, names plain. See ``docs``-level description in README.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Protocol
+
+import crc32c as _crc
+import msgpack
+import numpy as np
+
+from .dtypes import numpy_to_safetensors, safetensors_to_numpy
+from .errors import (
+    ChecksumMismatchError,
+    DuplicateKeyError,
+    HeaderError,
+    HeaderTooLargeError,
+    InvalidOffsetsError,
+    ManifestError,
+    TrailingDataError,
+    TruncatedFileError,
+    UnsafePathError,
+    UnsupportedDtypeError,
+)
+
+__all__ = [
+    "FORMAT_VERSION", "MANIFEST_NAME", "TensorRecord", "FileRecord", "crc32c",
+    "write_safetensors", "read_header", "read_tensors", "encode_framed", "decode_framed",
+    "check_file_name",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.msgpack"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_NDIM = 64
+_FRAME = struct.Struct("<8sIQ")  # magic, crc32c of body, body length
+_SMALL = 1 << 16
+_READ_CHUNK = 64 << 20
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
+
+
+def crc32c(data: Any, value: int = 0) -> int:
+    """crc32c of ``data`` (any buffer), continuing from ``value``."""
+    return int(_crc.crc32c(data, value))
+
+
+class Sink(Protocol):
+    def write(self, data: Any, /) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """Where one tensor lives: file, key, dtype (safetensors name), shape, byte range, crc."""
+
+    key: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    crc32c: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One data file: its name, total length and crc32c of every byte."""
+
+    name: str
+    nbytes: int
+    crc32c: int
+
+
+def check_file_name(name: Any, where: str) -> str:
+    """Refuse names that could escape a checkpoint folder."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise UnsafePathError(f"{where}: file name {name!r:.80} is not a plain file name")
+    return name
+
+
+def _le_contiguous(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(arr)
+
+
+def _raw(arr: np.ndarray) -> memoryview:
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def write_safetensors(
+    sink: Sink, file_name: str, entries: Sequence[tuple[str, np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> tuple[FileRecord, list[TensorRecord]]:
+    """Stream ``entries`` as one safetensors file into ``sink``; return its records.
+
+    Tensors are laid out largest item size first so every tensor stays aligned for
+    zero-copy readers. Only one tensor at a time is ever copied (when it is
+    non-contiguous or big-endian).
+    """
+    order = sorted(range(len(entries)), key=lambda i: -entries[i][1].dtype.itemsize)
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    layout = []
+    for i in order:
+        key, arr = entries[i]
+        code = numpy_to_safetensors(arr.dtype)
+        if code is None:
+            raise UnsupportedDtypeError(f"{key!r}: dtype {arr.dtype} is not supported")
+        header[key] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        layout.append((key, arr, code, offset))
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(len(blob) + 8) % 8)
+    head = struct.pack("<Q", len(blob)) + blob
+    sink.write(head)
+    file_crc = crc32c(head)
+    tensors = []
+    base = len(head)
+    for key, arr, code, off in layout:
+        view = _raw(_le_contiguous(arr))
+        sink.write(view)
+        t_crc = crc32c(view)
+        file_crc = crc32c(view, file_crc)
+        tensors.append(TensorRecord(key, file_name, code, tuple(arr.shape), base + off,
+                                    base + off + arr.nbytes, t_crc))
+    return FileRecord(file_name, base + offset, file_crc), tensors
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    key: str
+    dtype: np.dtype
+    code: str
+    shape: tuple[int, ...]
+    begin: int  # absolute file offsets
+    end: int
+
+
+def _pairs_no_dupes(where: str) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise DuplicateKeyError(f"{where}: key {k!r:.80} appears twice in the header")
+            out[k] = v
+        return out
+    return hook
+
+
+def _read_exact(f: BinaryIO, n: int, where: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise TruncatedFileError(f"{where}: file ends after {len(data)} of {n} bytes")
+    return data
+
+
+def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEntry], int]:
+    """Parse and validate the safetensors header of ``f`` (positioned at 0).
+
+    Returns the entries sorted by offset and the crc32c of the header bytes (length
+    prefix included), from which :func:`read_tensors` continues the file checksum.
+
+    Raises the specific :class:`HeaderError` / :class:`TruncatedFileError` /
+    :class:`TrailingDataError` for each rule broken.
+    """
+    if file_size < 8:
+        raise TruncatedFileError(f"{where}: {file_size} bytes, too short for a header")
+    prefix = _read_exact(f, 8, where)
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES:
+        raise HeaderTooLargeError(f"{where}: header claims {n} bytes (cap {MAX_HEADER_BYTES})")
+    if n > file_size - 8:
+        raise TruncatedFileError(f"{where}: header claims {n} bytes, file has {file_size - 8}")
+    raw = _read_exact(f, n, where)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs_no_dupes(where))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise HeaderError(f"{where}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise HeaderError(f"{where}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    base = 8 + n
+    entries = [_header_entry(k, v, base, where) for k, v in header.items()]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    pos = base
+    for e in entries:
+        if e.begin != pos:
+            what = "overlaps the previous tensor" if e.begin < pos else "leaves a gap"
+            raise InvalidOffsetsError(f"{where}: tensor {e.key!r:.80} {what} (offset {e.begin - base})")
+        pos = e.end
+    if pos > file_size:
+        raise TruncatedFileError(f"{where}: data ends at byte {pos}, file has {file_size}")
+    if pos < file_size:
+        raise TrailingDataError(f"{where}: {file_size - pos} bytes after the last tensor")
+    return entries, crc32c(raw, crc32c(prefix))
+
+
+def _header_entry(key: str, info: Any, base: int, where: str) -> HeaderEntry:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise HeaderError(f"{where}: tensor {key!r:.80} entry is malformed")
+    dtype = safetensors_to_numpy(info["dtype"])
+    if dtype is None:
+        raise UnsupportedDtypeError(f"{where}: tensor {key!r:.80} has dtype {info['dtype']!r:.20}")
+    shape, offs = info["shape"], info["data_offsets"]
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(type(d) is int and 0 <= d < 2**62 for d in shape)):
+        raise HeaderError(f"{where}: tensor {key!r:.80} has an invalid shape {shape!r:.80}")
+    if (not isinstance(offs, list) or len(offs) != 2
+            or not all(type(o) is int and 0 <= o < 2**62 for o in offs) or offs[0] > offs[1]):
+        raise InvalidOffsetsError(f"{where}: tensor {key!r:.80} has invalid offsets {offs!r:.80}")
+    if math.prod(shape) * dtype.itemsize != offs[1] - offs[0]:
+        raise InvalidOffsetsError(
+            f"{where}: tensor {key!r:.80} spans {offs[1] - offs[0]} bytes but its shape and "
+            f"dtype need {math.prod(shape) * dtype.itemsize}")
+    return HeaderEntry(key, dtype, info["dtype"], tuple(shape), base + offs[0], base + offs[1])
+
+
+def read_tensors(
+    f: BinaryIO, entries: Iterable[HeaderEntry], expected_crc: dict[str, int] | None,
+    where: str, file_crc: int = 0,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Read every tensor with ``readinto`` into a fresh array, checking crcs when given.
+
+    ``entries`` come from :func:`read_header` (sorted, tiling the file), so their sizes are
+    already bounded by the real file length. Returns the arrays and the file crc32c
+    continued from ``file_crc`` (only computed when ``expected_crc`` is given).
+    """
+    out: dict[str, np.ndarray] = {}
+    for e in entries:
+        arr = np.empty(e.shape, dtype=e.dtype)
+        view = _raw(arr) if arr.size else memoryview(b"")
+        f.seek(e.begin)
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:got + _READ_CHUNK])  # type: ignore[attr-defined]
+            if not n:
+                raise TruncatedFileError(f"{where}: tensor {e.key!r:.80} is cut short")
+            got += n
+        if expected_crc is not None:
+            if crc32c(view) != expected_crc[e.key]:
+                raise ChecksumMismatchError(f"{where}: tensor {e.key!r:.80} fails its crc32c checksum")
+            file_crc = crc32c(view, file_crc)
+        out[e.key] = arr
+    return out, file_crc
+
+
+def encode_framed(magic: bytes, obj: Any) -> bytes:
+    """msgpack ``obj`` behind a frame of magic, crc32c and length."""
+    body = msgpack.packb(obj, use_bin_type=True)
+    return _FRAME.pack(magic, crc32c(body), len(body)) + body
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ManifestError(f"msgpack extension type {code} is not allowed")
+
+
+def decode_framed(data: bytes, magic: bytes, where: str, cap: int = MAX_MANIFEST_BYTES) -> Any:
+    """Check the frame and checksum of ``data`` and decode its msgpack body safely."""
+    if len(data) < _FRAME.size:
+        raise ManifestError(f"{where}: {len(data)} bytes, too short to be a manifest")
+    got_magic, crc, length = _FRAME.unpack_from(data)
+    if got_magic != magic:
+        raise ManifestError(f"{where}: not a checkpointer file (bad magic {got_magic!r})")
+    if length > cap:
+        raise ManifestError(f"{where}: body claims {length} bytes (cap {cap})")
+    body = data[_FRAME.size:]
+    if len(body) < length:
+        raise TruncatedFileError(f"{where}: body is {len(body)} of {length} bytes")
+    if len(body) > length:
+        raise TrailingDataError(f"{where}: {len(body) - length} bytes after the body")
+    if crc32c(body) != crc:
+        raise ChecksumMismatchError(f"{where}: checksum does not match its content")
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext,
+                               use_list=True)
+    except ManifestError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        raise ManifestError(f"{where}: undecodable msgpack ({exc})") from None

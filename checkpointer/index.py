@@ -1,0 +1,113 @@
+"""The index beside the checkpoints: a cache of their manifests, rebuilt when stale.
+
+It lets a manager resume from storage alone with one listing and one small read. The
+listing is the truth: names the index lists without a manifest on storage are dropped,
+folders with a manifest the index does not know are read and added.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from . import format as fmt
+from .commit import read_manifest
+from .errors import CheckpointError
+from .info import CheckpointInfo
+from .storage import Store
+
+__all__ = ["Entry", "INDEX_NAME", "load_entries", "write_index", "entry_from_manifest"]
+
+log = logging.getLogger("checkpointer")
+INDEX_NAME = ".ckpt-index.msgpack"
+INDEX_MAGIC = b"CKPTIDX1"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A committed checkpoint as the manager tracks it."""
+
+    info: CheckpointInfo
+    seq: int
+    managed: bool
+
+
+def _num(x: Any) -> int | None:
+    return x if type(x) is int else None
+
+
+def entry_from_manifest(store: Store, name: str, m: dict[str, Any], manifest_bytes: int) -> Entry:
+    metrics = m.get("metrics")
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))} \
+        if isinstance(metrics, dict) else {}
+    t = m.get("time")
+    info = CheckpointInfo(
+        name=name, url=store.url_of(name), step=_num(m.get("step")), epoch=_num(m.get("epoch")),
+        metrics=metrics, time=float(t) if isinstance(t, (int, float)) and math.isfinite(t) else 0.0,
+        nbytes=sum(int(f[1]) for f in m["files"]) + manifest_bytes)
+    seq = _num(m.get("seq"))
+    return Entry(info, seq if seq is not None else -1, bool(m.get("managed", False)))
+
+
+def _encode(e: Entry) -> list[Any]:
+    i = e.info
+    return [i.name, i.step, i.epoch, i.metrics, i.time, i.nbytes, e.seq, e.managed]
+
+
+def _decode(store: Store, row: Any) -> Entry | None:
+    if not (isinstance(row, list) and len(row) == 8 and isinstance(row[0], str)
+            and isinstance(row[3], dict) and isinstance(row[4], float) and type(row[5]) is int
+            and type(row[6]) is int):
+        return None
+    info = CheckpointInfo(row[0], store.url_of(row[0]), _num(row[1]), _num(row[2]),
+                          dict(row[3]), row[4], row[5])
+    return Entry(info, row[6], bool(row[7]))
+
+
+def write_index(store: Store, entries: list[Entry]) -> None:
+    """Replace the index in one write (rename locally, a single object remotely)."""
+    blob = fmt.encode_framed(INDEX_MAGIC, {"version": 1, "checkpoints": [_encode(e) for e in entries]})
+    if store.atomic_rename:
+        from .commit import new_owner
+        tmp = f".ckpt-tmp-index-{new_owner()}"
+        store.put_bytes(tmp, blob)
+        store.rename(tmp, INDEX_NAME)
+        store.fsync_dir("")
+    else:
+        store.put_bytes(INDEX_NAME, blob)
+
+
+def _read_index(store: Store, listing: set[str]) -> dict[str, Entry]:
+    if INDEX_NAME not in listing:
+        return {}
+    try:
+        data = fmt.decode_framed(store.read_bytes(INDEX_NAME), INDEX_MAGIC, store.url_of(INDEX_NAME))
+        rows = data["checkpoints"] if isinstance(data, dict) else []
+        entries = [e for e in (_decode(store, r) for r in rows) if e is not None]
+    except (CheckpointError, KeyError, TypeError) as exc:
+        log.warning("index %s is unreadable (%s); rebuilding it from the manifests",
+                    store.url_of(INDEX_NAME), exc)
+        return {}
+    return {e.info.name: e for e in entries}
+
+
+def load_entries(store: Store, listing: list[str]) -> tuple[list[Entry], bool]:
+    """Committed checkpoints, oldest first, and whether the index needs rewriting."""
+    files = set(listing)
+    names = sorted({p.split("/", 1)[0] for p in listing
+                    if p.endswith("/" + fmt.MANIFEST_NAME) and not p.startswith(".")})
+    cached = _read_index(store, files)
+    out, stale = [], set(cached) != set(names)
+    for name in names:
+        if name in cached:
+            out.append(cached[name])
+            continue
+        try:
+            size = store.size(f"{name}/{fmt.MANIFEST_NAME}")
+            out.append(entry_from_manifest(store, name, read_manifest(store, name), size))
+        except CheckpointError as exc:
+            log.warning("ignoring %s: %s", store.url_of(name), exc)
+    out.sort(key=lambda e: (e.seq, e.info.time, e.info.name))
+    return out, stale

@@ -1,0 +1,346 @@
+"""``CheckpointManager``: the one place that calls schedule, monitor, format, storage and
+retention, in that order.
+
+Call order, as seen from storage (like DCP's ``StorageWriter`` docstring):
+
+1. construction: list the directory once, clean up the engine's dead leftovers, load the
+   index (rebuilt from manifests when missing or stale);
+2. ``epoch_end`` / ``step_end``: schedule -> monitor -> (state extracted only now) ->
+   data files -> manifest -> commit -> retention deletes -> index rewrite;
+3. ``save``: as 2 without the schedule and the ``save_best_only`` test;
+4. ``restore``: manifest -> data files with verification, falling back when allowed;
+5. ``close``: waits for an in-flight asynchronous save and raises its error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from . import commit
+from .async_save import AsyncWriter
+from .errors import (CheckpointError, CheckpointNotFoundError, ConfigurationError, MetricError,
+                     StorageError)
+from .index import Entry, load_entries, write_index
+from .info import Checkpoint, CheckpointInfo
+from .monitor import Monitor, to_float
+from .naming import default_name, format_name, template_fields
+from .retention import Record, Retention, best_record
+from .schedule import Schedule
+from .storage import open_store
+from .tree import flatten, resolve_state
+
+__all__ = ["CheckpointManager", "CheckpointWarning"]
+
+log = logging.getLogger("checkpointer")
+
+
+class CheckpointWarning(UserWarning):
+    """A save went ahead without something it should have had (e.g. the monitored metric)."""
+
+
+class CheckpointManager:
+    """Save, rank, retain and restore checkpoints in one directory (any fsspec URL).
+
+    Example::
+
+        with CheckpointManager("ckpts", monitor="val_loss", keep_best=2, keep_last=1) as mgr:
+            for epoch in range(1, 11):
+                ...
+                mgr.epoch_end(epoch, lambda: {"w": w}, metrics={"val_loss": loss})
+        state = CheckpointManager("ckpts").restore("best").state
+
+    Raises:
+        ConfigurationError: on any invalid option, at construction.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], *, monitor: str | None = None, mode: str = "auto",
+        min_delta: float = 0.0, initial_value_threshold: float | None = None,
+        save_best_only: bool = False, every_n_epochs: int | None = 1, every_n_steps: int | None = None,
+        every_seconds: float | None = None, keep_last: int | None = None, keep_best: int | None = None,
+        filename: str | None = None, nan_policy: str = "worst", async_save: bool = False,
+        storage_options: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
+        filesystem: Any = None, max_file_bytes: int = commit.DEFAULT_MAX_FILE_BYTES,
+    ) -> None:
+        if nan_policy not in ("worst", "skip", "raise"):
+            raise ConfigurationError(f"nan_policy must be 'worst', 'skip' or 'raise', got {nan_policy!r}")
+        self._monitor = None if monitor is None else Monitor.create(
+            monitor, mode, min_delta, initial_value_threshold, nan_policy)
+        if self._monitor is None and mode not in ("auto", "min", "max"):
+            raise ConfigurationError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
+        for flag, what in ((save_best_only, "save_best_only=True"), (keep_best, "keep_best")):
+            if flag and self._monitor is None:
+                raise ConfigurationError(f"{what} needs a monitor (a metric name to rank by)")
+        self._schedule = Schedule(every_n_epochs, every_n_steps, every_seconds)
+        self._retention = Retention(keep_last, keep_best)
+        if filename is not None:
+            template_fields(filename)
+        if not isinstance(max_file_bytes, int) or max_file_bytes < 1:
+            raise ConfigurationError(f"max_file_bytes must be a positive int, got {max_file_bytes!r}")
+        self.save_best_only, self.filename, self._clock = bool(save_best_only), filename, clock
+        self._nan_policy, self._max_file_bytes = nan_policy, max_file_bytes
+        self._store = open_store(directory, storage_options, filesystem)
+        self._protected: set[str] = set()
+        self._started = clock()
+        self._async = AsyncWriter() if async_save else None
+        listing = self._store.list_files()
+        removed = commit.cleanup(self._store, listing)
+        if removed:
+            log.info("removed unfinished leftovers of dead writers: %s", ", ".join(removed))
+            listing = self._store.list_files()
+        self._entries, stale = load_entries(self._store, listing)
+        if stale and self._entries:
+            self._write_index_quietly()
+
+    # -- public properties -------------------------------------------------------------
+
+    @property
+    def directory(self) -> str:
+        """The manager's directory as a path or URL."""
+        return self._store.url
+
+    @property
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        return [e.info for e in self._entries]
+
+    @property
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint."""
+        return self._entries[-1].info if self._entries else None
+
+    @property
+    def best(self) -> CheckpointInfo | None:
+        """The best ranked checkpoint by the monitor (``None`` without a monitor or ranking)."""
+        rec = best_record(self._records(), self._monitor)
+        return next(e.info for e in self._entries if e.info.name == rec.name) if rec else None
+
+    # -- save points ----------------------------------------------------------------
+
+    def epoch_end(self, epoch: int, state: Any, *, step: int | None = None,
+                  metrics: dict[str, Any] | None = None) -> CheckpointInfo | None:
+        """End of epoch ``epoch``: save if the schedule and the monitor say so.
+
+        ``state`` may be a zero-argument callable, called only when a save happens.
+        Returns the new checkpoint's info, or ``None`` (the reason is logged).
+        """
+        self._raise_background_error()
+        reason = self._schedule.at_epoch(epoch, self._since(), self._clock())
+        if reason is None:
+            log.debug("epoch %s: not a save point", epoch)
+            return None
+        return self._consider(state, step, epoch, metrics, reason)
+
+    def step_end(self, step: int, state: Any, *,
+                 metrics: dict[str, Any] | None = None) -> CheckpointInfo | None:
+        """End of step ``step``: save if the schedule and the monitor say so."""
+        self._raise_background_error()
+        reason = self._schedule.at_step(step, self._since(), self._clock())
+        if reason is None:
+            log.debug("step %s: not a save point", step)
+            return None
+        return self._consider(state, step, None, metrics, reason)
+
+    def save(self, state: Any, *, step: int | None = None, epoch: int | None = None,
+             metrics: dict[str, Any] | None = None) -> CheckpointInfo:
+        """Save now, whatever the schedule and ``save_best_only``; ranked and retained as usual."""
+        self._raise_background_error()
+        score, skip = self._score(metrics)
+        if skip:
+            log.info("saving although %s (an explicit save)", skip)
+        return self._save(state, step, epoch, metrics, score)
+
+    def _consider(self, state: Any, step: int | None, epoch: int | None,
+                  metrics: dict[str, Any] | None, reason: str) -> CheckpointInfo | None:
+        score, skip = self._score(metrics)
+        where = f"epoch {epoch}" if epoch is not None else f"step {step}"
+        if skip:
+            log.info("%s: not saved: %s", where, skip)
+            return None
+        if self.save_best_only and self._monitor is not None:
+            best = self._best_score()
+            if score is None or not self._monitor.is_improvement(score, best):
+                log.info("%s: not saved: %s=%s is not an improvement on %s", where,
+                         self._monitor.metric, score, best)
+                return None
+        log.debug("%s: saving (%s)", where, reason)
+        return self._save(state, step, epoch, metrics, score)
+
+    def _score(self, metrics: dict[str, Any] | None) -> tuple[float | None, str | None]:
+        """The monitored value and, when the save must be skipped, why."""
+        mon = self._monitor
+        if mon is None:
+            return None, None
+        value = mon.extract(metrics)
+        if value is None:
+            msg = (f"monitored metric {mon.metric!r} is missing from the metrics "
+                   f"({sorted(metrics or {})}); this save point is not ranked")
+            log.warning(msg)
+            warnings.warn(msg, CheckpointWarning, stacklevel=4)
+            return None, (f"{mon.metric!r} is missing" if self.save_best_only else None)
+        if not math.isfinite(value):
+            if self._nan_policy == "raise":
+                raise MetricError(f"monitored metric {mon.metric!r} is {value} (nan_policy='raise')")
+            if self._nan_policy == "skip":
+                return None, f"{mon.metric!r} is {value} (nan_policy='skip')"
+        return value, None
+
+    def _save(self, state: Any, step: int | None, epoch: int | None,
+              metrics: dict[str, Any] | None, score: float | None) -> CheckpointInfo:
+        clean = {k: _metric_value(k, v) for k, v in (metrics or {}).items()}
+        seq = max([e.seq for e in self._entries] + [-1]) + 1
+        if self._async is not None:
+            seq = max(seq, self._async.pending_seq + 1)
+        name = (format_name(self.filename, epoch=epoch, step=step, metrics=clean)
+                if self.filename else default_name(epoch=epoch, step=step, seq=seq))
+        skeleton, arrays = flatten(resolve_state(state))
+        now = self._clock()
+        fields = {"step": step, "epoch": epoch, "metrics": clean, "time": float(now),
+                  "managed": True, "seq": seq, "library": _library_version(), "metadata": None}
+        info = CheckpointInfo(name, self._store.url_of(name), step, epoch, clean, float(now), 0)
+        if self._async is not None:
+            staged = self._async.stage(arrays)
+            record = Record(name, seq, score, True)
+            self._async.submit(seq, record, lambda: self._write_and_commit(
+                name, skeleton, staged, fields, info, seq))
+            return info
+        return self._write_and_commit(name, skeleton, arrays, fields, info, seq)
+
+    def _write_and_commit(self, name: str, skeleton: Any, arrays: Any, fields: dict[str, Any],
+                          info: CheckpointInfo, seq: int) -> CheckpointInfo:
+        try:
+            nbytes = commit.write_checkpoint(self._store, name, skeleton, arrays, fields,
+                                             max_file_bytes=self._max_file_bytes)
+        except CheckpointError as exc:
+            log.error("save of %s failed: %s", info.url, exc)
+            raise
+        except OSError as exc:
+            raise StorageError(f"save of {info.url} failed: {exc}") from exc
+        info = CheckpointInfo(info.name, info.url, info.step, info.epoch, info.metrics, info.time, nbytes)
+        self._entries = [e for e in self._entries if e.info.name != name] + [Entry(info, seq, True)]
+        log.info("saved %s (%d bytes)", info.url, nbytes)
+        self._apply_retention()
+        self._write_index_quietly()
+        return info
+
+    def _apply_retention(self) -> None:
+        for name in self._retention.to_delete(self._records(), self._monitor, self._protected):
+            try:
+                self._store.remove_tree(name)
+            except CheckpointError as exc:
+                log.warning("could not delete %s: %s", self._store.url_of(name), exc)
+                continue
+            self._entries = [e for e in self._entries if e.info.name != name]
+            log.info("deleted %s (outside keep_last=%s / keep_best=%s)", self._store.url_of(name),
+                     self._retention.keep_last, self._retention.keep_best)
+
+    def _write_index_quietly(self) -> None:
+        try:
+            write_index(self._store, self._entries)
+        except CheckpointError as exc:  # the index is a cache; the manifests are the truth
+            log.warning("could not write the index: %s", exc)
+
+    # -- restore ----------------------------------------------------------------------
+
+    def restore(self, which: str | int = "latest", *, verify: bool = True,
+                fallback: bool = True) -> Checkpoint:
+        """Load a checkpoint: ``"latest"``, ``"best"``, a name, or a step number.
+
+        ``"latest"``/``"best"`` fall back to the next newest/best that verifies (with a
+        warning naming the broken one) unless ``fallback=False``.
+
+        Raises:
+            CheckpointNotFoundError: nothing matches (or nothing verifies).
+            CorruptCheckpointError: the requested checkpoint fails verification.
+        """
+        self.wait()
+        candidates, can_fall_back = self._candidates(which)
+        for entry in candidates:
+            try:
+                tree, _ = commit.load_checkpoint(self._store, entry.info.name, verify=verify)
+            except (CheckpointError, OSError) as exc:
+                if not (fallback and can_fall_back):
+                    raise
+                msg = f"checkpoint {entry.info.url} is broken ({exc}); falling back"
+                log.warning(msg)
+                warnings.warn(msg, CheckpointWarning, stacklevel=2)
+                continue
+            self._protected.add(entry.info.name)
+            log.info("restored %s", entry.info.url)
+            return Checkpoint(entry.info, tree)
+        raise CheckpointNotFoundError(f"no checkpoint in {self._store.url} matches {which!r}"
+                                      + (" and verifies" if candidates else ""))
+
+    def _candidates(self, which: str | int) -> tuple[list[Entry], bool]:
+        if which == "latest":
+            return list(reversed(self._entries)), True
+        if which == "best":
+            if self._monitor is None:
+                raise ConfigurationError("restore('best') needs a monitor")
+            mon = self._monitor
+            ranked = [e for e, r in zip(self._entries, self._records())
+                      if r.score is not None and math.isfinite(r.score)]
+            return sorted(ranked, key=lambda e: (mon.sort_key(self._score_of(e)), e.seq)), True
+        if isinstance(which, int) and not isinstance(which, bool):
+            return [e for e in reversed(self._entries) if e.info.step == which], False
+        if isinstance(which, str):
+            return [e for e in self._entries if e.info.name == which], False
+        raise ConfigurationError(f"restore() takes 'latest', 'best', a name or a step, got {which!r}")
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _score_of(self, e: Entry) -> float | None:
+        if self._monitor is None:
+            return None
+        try:
+            return self._monitor.extract(e.info.metrics)
+        except MetricError:
+            return None
+
+    def _records(self) -> list[Record]:
+        return [Record(e.info.name, e.seq, self._score_of(e), e.managed) for e in self._entries]
+
+    def _best_score(self) -> float | None:
+        records = self._records()
+        if self._async is not None and self._async.pending_record is not None:
+            records.append(self._async.pending_record)
+        rec = best_record(records, self._monitor)
+        return rec.score if rec else None
+
+    def _since(self) -> float:
+        return max([self._started] + [e.info.time for e in self._entries])
+
+    def _raise_background_error(self) -> None:
+        if self._async is not None:
+            self._async.raise_error()
+
+    def wait(self) -> None:
+        """Block until an in-flight asynchronous save has committed; raise its error."""
+        if self._async is not None:
+            self._async.wait()
+
+    def close(self) -> None:
+        """Wait for any in-flight save, then release resources."""
+        if self._async is not None:
+            self._async.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _metric_value(name: str, value: Any) -> Any:
+    return value if isinstance(value, str) else to_float(name, value)
+
+
+def _library_version() -> str:
+    from . import __version__
+    return f"checkpointer-engine {__version__}"

@@ -1,0 +1,146 @@
+"""Improvement logic: is a metric value better than the best so far?
+
+Plain Python over plain floats: no framework, no I/O. The best is passed in (derived from
+the checkpoints on storage), so a resumed run needs no saved monitor state.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import ConfigurationError, MetricError
+
+__all__ = ["Monitor", "infer_mode"]
+
+_MIN_WORDS = {"loss", "error", "err", "mse", "mae", "rmse", "mape", "msle", "nll", "cost",
+              "perplexity", "ppl", "crossentropy", "entropy", "hinge", "kld", "kl",
+              "divergence", "distance", "wer", "cer", "fid"}
+_MAX_WORDS = {"acc", "accuracy", "auc", "f1", "fbeta", "fscore", "precision", "recall", "iou",
+              "miou", "map", "dice", "bleu", "rouge", "r2", "top1", "top5", "sensitivity",
+              "specificity", "score", "reward", "return"}
+NanPolicy = Literal["worst", "skip", "raise"]
+
+
+def infer_mode(metric: str) -> Literal["min", "max"] | None:
+    """``"min"`` for loss/error-like names, ``"max"`` for accuracy-like ones, else ``None``.
+
+    A ``val_`` (or ``val/``, ``train_``, ``test_``) prefix is ignored; the name is split on
+    ``_ / . -`` and camel case, and a part naming a loss or a score decides.
+    """
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", metric).lower()
+    name = re.sub(r"^(val|valid|validation|train|test)[_/.\-]", "", name)
+    words = set(re.split(r"[_/.\-\s]+", name)) | {name}
+    if "io_u" in name:
+        words.add("iou")
+    lo, hi = bool(words & _MIN_WORDS), bool(words & _MAX_WORDS)
+    if lo != hi:
+        return "min" if lo else "max"
+    return None
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """How to compare values of one metric.
+
+    Build it with :meth:`create`, which validates and resolves ``mode="auto"``.
+
+    Example::
+
+        m = Monitor.create("val_loss")          # mode resolved to "min"
+        m.is_improvement(0.4, best=0.5)         # True
+    """
+
+    metric: str
+    mode: Literal["min", "max"]
+    min_delta: float = 0.0
+    initial_value_threshold: float | None = None
+    nan_policy: NanPolicy = "worst"
+
+    @classmethod
+    def create(cls, metric: str, mode: str = "auto", min_delta: float = 0.0,
+               initial_value_threshold: float | None = None, nan_policy: str = "worst") -> Monitor:
+        """Validate options and resolve ``mode="auto"``.
+
+        Raises:
+            ConfigurationError: an empty metric, an unknown mode or nan_policy, a negative or
+                non-finite ``min_delta``, or ``auto`` that cannot tell from the name.
+        """
+        if not isinstance(metric, str) or not metric:
+            raise ConfigurationError(f"monitor must be a non-empty metric name, got {metric!r}")
+        if mode not in ("min", "max", "auto"):
+            raise ConfigurationError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
+        if mode == "auto":
+            inferred = infer_mode(metric)
+            if inferred is None:
+                raise ConfigurationError(
+                    f"mode='auto' cannot tell whether {metric!r} should go down or up; "
+                    "pass mode='min' or mode='max'")
+            mode = inferred
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) \
+                or not math.isfinite(min_delta) or min_delta < 0:
+            raise ConfigurationError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+        if initial_value_threshold is not None and not _is_number(initial_value_threshold):
+            raise ConfigurationError(
+                f"initial_value_threshold must be a number or None, got {initial_value_threshold!r}")
+        if nan_policy not in ("worst", "skip", "raise"):
+            raise ConfigurationError(f"nan_policy must be 'worst', 'skip' or 'raise', got {nan_policy!r}")
+        threshold = None if initial_value_threshold is None else float(initial_value_threshold)
+        return cls(metric, mode, float(min_delta), threshold, nan_policy)  # type: ignore[arg-type]
+
+    def extract(self, metrics: Mapping[str, Any] | None) -> float | None:
+        """The monitored value from ``metrics`` as a float, ``None`` when it is missing.
+
+        Raises:
+            MetricError: the value is not a number.
+        """
+        if not metrics or self.metric not in metrics or metrics[self.metric] is None:
+            return None
+        return to_float(self.metric, metrics[self.metric])
+
+    def is_improvement(self, value: float | None, best: float | None) -> bool:
+        """Whether ``value`` strictly beats ``best`` and the initial threshold by ``min_delta``.
+
+        A missing or non-finite value never improves; with no best and no threshold any
+        finite value does. Ties keep the older checkpoint.
+        """
+        if value is None or not math.isfinite(value):
+            return False
+        for ref in (best, self.initial_value_threshold):
+            if ref is None or not math.isfinite(ref):
+                continue
+            if self.mode == "min" and not value < ref - self.min_delta:
+                return False
+            if self.mode == "max" and not value > ref + self.min_delta:
+                return False
+        return True
+
+    def better(self, a: float | None, b: float | None) -> bool:
+        """Ranking: ``a`` strictly better than ``b`` (no min_delta; NaN/None rank worst)."""
+        ka, kb = self.sort_key(a), self.sort_key(b)
+        return ka < kb
+
+    def sort_key(self, value: float | None) -> tuple[int, float]:
+        """Ascending sort key: the best value first, missing/non-finite last."""
+        if value is None or not math.isfinite(value):
+            return (1, 0.0)
+        return (0, value if self.mode == "min" else -value)
+
+
+def _is_number(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float))
+
+
+def to_float(name: str, value: Any) -> float:
+    """A metric value (number, numpy scalar, 0-d array or tensor) as a Python float."""
+    if hasattr(value, "item") and not isinstance(value, (int, float)):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError) as exc:
+            raise MetricError(f"metric {name!r} is not a scalar: {exc}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MetricError(f"metric {name!r} is {type(value).__name__}, not a number")
+    return float(value)

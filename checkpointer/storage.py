@@ -1,0 +1,289 @@
+"""Storage: move bytes to and from a checkpoint directory on any fsspec filesystem.
+
+Two backends share one small interface. :class:`LocalStore` talks to the OS directly
+(``os.write``, ``fsync`` of files and folders, atomic ``rename``); :class:`FsspecStore`
+wraps any fsspec filesystem (``s3://``, ``gs://``, ``memory://``, ...) and treats it as an
+object store without atomic rename unless the filesystem says otherwise. Every backend
+error leaves as a :class:`~checkpointer.errors.StorageError` (``raise ... from exc``).
+The commit protocol built on top lives in :mod:`checkpointer.commit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
+
+__all__ = ["Store", "LocalStore", "FsspecStore", "open_store", "split_url"]
+
+_T = TypeVar("_T")
+_WRITE_BUFFER = 8 << 20
+
+
+def _guard(what: str, fn: Callable[[], _T]) -> _T:
+    try:
+        return fn()
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(f"{what}: not found ({exc})") from exc
+    except StorageError:
+        raise
+    except Exception as exc:  # backends raise anything: map all of it into our tree
+        raise StorageError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+class _LocalWriter:
+    """Buffered writer straight onto a file descriptor; fsync on close."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.buf = bytearray()
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if len(self.buf) + len(view) <= _WRITE_BUFFER:
+            self.buf += view
+            return
+        self._flush()
+        if len(view) < _WRITE_BUFFER:
+            self.buf += view
+        else:
+            self._write_all(view)
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def _flush(self) -> None:
+        if self.buf:
+            self._write_all(memoryview(self.buf))
+            self.buf = bytearray()
+
+    def close(self, durable: bool = True) -> None:
+        try:
+            self._flush()
+            if durable:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class Store:
+    """A checkpoint directory. Paths given to methods are relative to it, ``/``-separated."""
+
+    atomic_rename: bool = False
+    url: str
+    root: str
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def url_of(self, rel: str) -> str:
+        return self.url.rstrip("/") + "/" + rel
+
+    # Each backend implements these.
+    def list_files(self) -> list[str]: raise NotImplementedError
+    def size(self, rel: str) -> int: raise NotImplementedError
+    def exists(self, rel: str) -> bool: raise NotImplementedError
+    def read_bytes(self, rel: str) -> bytes: raise NotImplementedError
+    def open_read(self, rel: str) -> BinaryIO: raise NotImplementedError
+    def writer(self, rel: str) -> contextlib.AbstractContextManager[Any]: raise NotImplementedError
+    def put_bytes(self, rel: str, data: bytes) -> None: raise NotImplementedError
+    def makedirs(self, rel: str) -> None: raise NotImplementedError
+    def rename(self, src: str, dst: str) -> None: raise NotImplementedError
+    def remove_file(self, rel: str) -> None: raise NotImplementedError
+    def remove_tree(self, rel: str) -> None: raise NotImplementedError
+    def fsync_dir(self, rel: str) -> None: """Make a folder's entries durable (no-op remotely)."""
+
+
+class LocalStore(Store):
+    """A folder on local disk: direct OS calls, fsync everywhere, atomic rename."""
+
+    atomic_rename = True
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = self.root
+
+    def list_files(self) -> list[str]:
+        """Every file up to two levels deep (folder/file), relative to the root."""
+        def walk() -> list[str]:
+            out: list[str] = []
+            if not os.path.isdir(self.root):
+                return out
+            for entry in os.scandir(self.root):
+                if entry.is_dir(follow_symlinks=False):
+                    out += [f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path)]
+                    out.append(entry.name + "/")
+                else:
+                    out.append(entry.name)
+            return out
+        return _guard(f"listing {self.root}", walk)
+
+    def size(self, rel: str) -> int:
+        return _guard(f"stat {self.path(rel)}", lambda: os.stat(self.path(rel)).st_size)
+
+    def exists(self, rel: str) -> bool:
+        return os.path.lexists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        def read() -> bytes:
+            with open(self.path(rel), "rb") as f:
+                return f.read()
+        return _guard(f"reading {self.path(rel)}", read)
+
+    def open_read(self, rel: str) -> BinaryIO:
+        return _guard(f"opening {self.path(rel)}", lambda: open(self.path(rel), "rb"))
+
+    @contextlib.contextmanager
+    def writer(self, rel: str) -> Iterator[_LocalWriter]:
+        what = f"writing {self.path(rel)}"
+        w = _guard(what, lambda: _LocalWriter(self.path(rel)))
+        try:
+            yield w
+        except BaseException:
+            w.abort()
+            raise
+        _guard(what, w.close)
+
+    def put_bytes(self, rel: str, data: bytes) -> None:
+        with self.writer(rel) as w:
+            w.write(data)
+
+    def makedirs(self, rel: str) -> None:
+        _guard(f"creating {self.path(rel)}", lambda: os.makedirs(self.path(rel), exist_ok=True))
+
+    def rename(self, src: str, dst: str) -> None:
+        _guard(f"renaming {src} to {dst}", lambda: os.rename(self.path(src), self.path(dst)))
+
+    def remove_file(self, rel: str) -> None:
+        _guard(f"deleting {self.path(rel)}", lambda: os.unlink(self.path(rel)))
+
+    def remove_tree(self, rel: str) -> None:
+        import shutil
+        _guard(f"deleting {self.path(rel)}", lambda: shutil.rmtree(self.path(rel)))
+
+    def fsync_dir(self, rel: str) -> None:
+        def sync() -> None:
+            fd = os.open(self.path(rel), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _guard(f"fsync of folder {self.path(rel)}", sync)
+
+
+class FsspecStore(Store):
+    """Any fsspec filesystem; an object store (manifest-last commit) unless it declares
+    ``checkpointer_atomic_rename = True``."""
+
+    def __init__(self, fs: Any, root: str, url: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = url
+        self.atomic_rename = bool(getattr(fs, "checkpointer_atomic_rename", False))
+
+    def list_files(self) -> list[str]:
+        def walk() -> list[str]:
+            if not self.fs.exists(self.root):
+                return []
+            found = self.fs.find(self.root, maxdepth=2, withdirs=True, detail=True)
+            out = []
+            for p, info in found.items():
+                rel = posixpath.relpath(p.rstrip("/"), self.root)
+                if rel == "." or rel.startswith(".."):
+                    continue
+                out.append(rel + "/" if info.get("type") == "directory" else rel)
+            return out
+        self.fs.invalidate_cache(self.root)
+        return _guard(f"listing {self.url}", walk)
+
+    def size(self, rel: str) -> int:
+        return int(_guard(f"stat {self.url_of(rel)}", lambda: self.fs.size(self.path(rel))))
+
+    def exists(self, rel: str) -> bool:
+        return bool(_guard(f"checking {self.url_of(rel)}", lambda: self.fs.exists(self.path(rel))))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return bytes(_guard(f"reading {self.url_of(rel)}", lambda: self.fs.cat_file(self.path(rel))))
+
+    def open_read(self, rel: str) -> BinaryIO:
+        return _guard(f"opening {self.url_of(rel)}", lambda: self.fs.open(self.path(rel), "rb"))
+
+    @contextlib.contextmanager
+    def writer(self, rel: str) -> Iterator[Any]:
+        what = f"writing {self.url_of(rel)}"
+        f = _guard(what, lambda: self.fs.open(self.path(rel), "wb"))
+        try:
+            yield _GuardedWriter(f, what)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard() if hasattr(f, "discard") else None
+            raise
+        _guard(what, f.close)
+
+    def put_bytes(self, rel: str, data: bytes) -> None:
+        _guard(f"writing {self.url_of(rel)}", lambda: self.fs.pipe_file(self.path(rel), data))
+
+    def makedirs(self, rel: str) -> None:
+        _guard(f"creating {self.url_of(rel)}", lambda: self.fs.makedirs(self.path(rel), exist_ok=True))
+
+    def rename(self, src: str, dst: str) -> None:
+        _guard(f"renaming {src} to {dst}", lambda: self.fs.mv(self.path(src), self.path(dst), recursive=True))
+
+    def remove_file(self, rel: str) -> None:
+        _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm_file(self.path(rel)))
+
+    def remove_tree(self, rel: str) -> None:
+        _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm(self.path(rel), recursive=True))
+
+
+class _GuardedWriter:
+    def __init__(self, f: Any, what: str) -> None:
+        self.f, self.what = f, what
+
+    def write(self, data: Any) -> None:
+        _guard(self.what, lambda: self.f.write(data))
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(parent, name)`` of a checkpoint URL or path."""
+    text = os.fspath(url).rstrip("/")
+    parent, _, name = text.rpartition("/")
+    if not name:
+        raise ConfigurationError(f"{url!r} does not name a checkpoint")
+    if "://" in text and "://" not in parent + "/":
+        raise ConfigurationError(f"{url!r} names a bucket, not a checkpoint inside one")
+    return (parent or "."), name
+
+
+def open_store(directory: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+               filesystem: Any = None) -> Store:
+    """The :class:`Store` for ``directory`` (a path or any fsspec URL).
+
+    ``filesystem`` may pass a ready fsspec filesystem (tests use it to inject faults).
+    """
+    text = os.fspath(directory)
+    if filesystem is not None:
+        return FsspecStore(filesystem, filesystem._strip_protocol(text), text)
+    try:
+        fs, root = fsspec.core.url_to_fs(text, **(storage_options or {}))
+    except ImportError as exc:
+        raise ConfigurationError(f"no fsspec backend for {text!r}: {exc}") from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"cannot open {text!r}: {exc}") from exc
+    if isinstance(fs, LocalFileSystem) and not storage_options:
+        return LocalStore(root)
+    return FsspecStore(fs, root, text)
