@@ -37,7 +37,7 @@ def save(url: str | os.PathLike[str], state: Any, *, metadata: Any = None,
             raise StateTreeError("metadata must hold plain values only, not arrays")
     now = time.time()
     from . import __version__
-    fields = {"step": None, "epoch": None, "metrics": {}, "time": now, "managed": False,
+    fields: dict[str, Any] = {"step": None, "epoch": None, "metrics": {}, "time": now, "managed": False,
               "seq": -1, "library": f"checkpointer-engine {__version__}", "metadata": meta_skeleton}
     nbytes = commit.write_checkpoint(store, name, skeleton, arrays, fields)
     return CheckpointInfo(name, store.url_of(name), None, None, {}, now, nbytes)

@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
-from .errors import CheckpointError, CheckpointNotFoundError, ManifestError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    DuplicateKeyError,
+    ManifestError,
+    TrailingDataError,
+    TruncatedFileError,
+)
 from .storage import Store
 
 __all__ = ["write_checkpoint", "read_manifest", "load_checkpoint", "cleanup", "new_owner",
@@ -195,7 +203,7 @@ def read_manifest(store: Store, name: str) -> dict[str, Any]:
             raise ManifestError(f"{where}: file entry {f!r:.80} is malformed")
         fmt.check_file_name(f[0], where)
         if f[0] in names or f[0] == fmt.MANIFEST_NAME:
-            raise fmt.DuplicateKeyError(f"{where}: file {f[0]!r} listed twice")
+            raise DuplicateKeyError(f"{where}: file {f[0]!r} listed twice")
         names.add(f[0])
     keys = set()
     for t in m["tensors"]:
@@ -204,7 +212,7 @@ def read_manifest(store: Store, name: str) -> dict[str, Any]:
                 and all(type(x) is int for x in (*t[3], *t[4:]))):
             raise ManifestError(f"{where}: tensor entry {t!r:.80} is malformed")
         if t[0] in keys:
-            raise fmt.DuplicateKeyError(f"{where}: tensor {t[0]!r:.80} listed twice")
+            raise DuplicateKeyError(f"{where}: tensor {t[0]!r:.80} listed twice")
         keys.add(t[0])
     return m
 
@@ -231,9 +239,9 @@ def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str
     except CheckpointNotFoundError:
         raise ManifestError(f"{where}: data file named by the manifest is missing") from None
     if size < nbytes:
-        raise fmt.TruncatedFileError(f"{where}: {size} bytes, the manifest says {nbytes}")
+        raise TruncatedFileError(f"{where}: {size} bytes, the manifest says {nbytes}")
     if size > nbytes:
-        raise fmt.TrailingDataError(f"{where}: {size} bytes, the manifest says {nbytes}")
+        raise TrailingDataError(f"{where}: {size} bytes, the manifest says {nbytes}")
     with store.open_read(rel) as f:
         entries, head_crc = fmt.read_header(f, size, where)
         got = {e.key: [e.code, list(e.shape), e.begin, e.end] for e in entries}
@@ -243,7 +251,7 @@ def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str
         crcs = {k: t[6] for k, t in expected.items()} if verify else None
         arrays, file_crc = fmt.read_tensors(f, entries, crcs, where, head_crc)
     if verify and file_crc != crc:
-        raise fmt.ChecksumMismatchError(f"{where}: file checksum does not match")
+        raise ChecksumMismatchError(f"{where}: file checksum does not match")
     return arrays
 
 

@@ -97,7 +97,7 @@ def _le_contiguous(arr: np.ndarray) -> np.ndarray:
 
 
 def _raw(arr: np.ndarray) -> memoryview:
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def write_safetensors(
@@ -161,7 +161,7 @@ def _pairs_no_dupes(where: str) -> Any:
 
 
 def _read_exact(f: BinaryIO, n: int, where: str) -> bytes:
-    data = f.read(n)
+    data: bytes = f.read(n)
     if len(data) != n:
         raise TruncatedFileError(f"{where}: file ends after {len(data)} of {n} bytes")
     return data
@@ -259,7 +259,7 @@ def read_tensors(
 
 def encode_framed(magic: bytes, obj: Any) -> bytes:
     """msgpack ``obj`` behind a frame of magic, crc32c and length."""
-    body = msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
     return _FRAME.pack(magic, crc32c(body), len(body)) + body
 
 

@@ -24,8 +24,13 @@ from typing import Any
 
 from . import commit
 from .async_save import AsyncWriter
-from .errors import (CheckpointError, CheckpointNotFoundError, ConfigurationError, MetricError,
-                     StorageError)
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigurationError,
+    MetricError,
+    StorageError,
+)
 from .index import Entry, load_entries, write_index
 from .info import Checkpoint, CheckpointInfo
 from .monitor import Monitor, to_float
@@ -284,7 +289,7 @@ class CheckpointManager:
             if self._monitor is None:
                 raise ConfigurationError("restore('best') needs a monitor")
             mon = self._monitor
-            ranked = [e for e, r in zip(self._entries, self._records())
+            ranked = [e for e, r in zip(self._entries, self._records(), strict=True)
                       if r.score is not None and math.isfinite(r.score)]
             return sorted(ranked, key=lambda e: (mon.sort_key(self._score_of(e)), e.seq)), True
         if isinstance(which, int) and not isinstance(which, bool):

@@ -220,7 +220,8 @@ class FsspecStore(Store):
         return bytes(_guard(f"reading {self.url_of(rel)}", lambda: self.fs.cat_file(self.path(rel))))
 
     def open_read(self, rel: str) -> BinaryIO:
-        return _guard(f"opening {self.url_of(rel)}", lambda: self.fs.open(self.path(rel), "rb"))
+        f: BinaryIO = _guard(f"opening {self.url_of(rel)}", lambda: self.fs.open(self.path(rel), "rb"))
+        return f
 
     @contextlib.contextmanager
     def writer(self, rel: str) -> Iterator[Any]:

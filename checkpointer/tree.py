@@ -165,6 +165,7 @@ def _build_leaf(tag: str, rest: list[Any], get: Callable[[str], np.ndarray],
         if tag == "i" and isinstance(value, bool):
             raise bad("int leaf holds a bool")
         if tag == "I":
+            assert isinstance(value, str)
             if len(value) > 4400 or not value.lstrip("-").isdigit():
                 raise bad(f"big int leaf {value!r:.40}")
             return int(value)
