@@ -18,7 +18,8 @@ from .errors import CheckpointError
 from .info import CheckpointInfo
 from .storage import Store
 
-__all__ = ["Entry", "INDEX_NAME", "load_entries", "write_index", "entry_from_manifest"]
+__all__ = ["Entry", "INDEX_NAME", "load_entries", "write_index", "entry_from_manifest",
+           "read_index_meta"]
 
 log = logging.getLogger("checkpointer")
 INDEX_NAME = ".ckpt-index.msgpack"
@@ -66,9 +67,14 @@ def _decode(store: Store, row: Any) -> Entry | None:
     return Entry(info, row[6], bool(row[7]))
 
 
-def write_index(store: Store, entries: list[Entry]) -> None:
-    """Replace the index in one write (rename locally, a single object remotely)."""
-    blob = fmt.encode_framed(INDEX_MAGIC, {"version": 1, "checkpoints": [_encode(e) for e in entries]})
+def write_index(store: Store, entries: list[Entry], config: dict[str, Any] | None = None) -> None:
+    """Replace the index in one write (rename locally, a single object remotely).
+
+    ``config`` records the writer's monitor (``{"monitor": name, "mode": mode}``) so that
+    ``checkpointer ls`` can mark the best checkpoint.
+    """
+    blob = fmt.encode_framed(INDEX_MAGIC, {"version": 1, "config": config or {},
+                                           "checkpoints": [_encode(e) for e in entries]})
     if store.atomic_rename:
         from .commit import new_owner
         tmp = f".ckpt-tmp-index-{new_owner()}"
@@ -77,6 +83,16 @@ def write_index(store: Store, entries: list[Entry]) -> None:
         store.fsync_dir("")
     else:
         store.put_bytes(INDEX_NAME, blob)
+
+
+def read_index_meta(store: Store) -> dict[str, Any]:
+    """The writer's config recorded in the index (empty when there is none)."""
+    try:
+        data = fmt.decode_framed(store.read_bytes(INDEX_NAME), INDEX_MAGIC, store.url_of(INDEX_NAME))
+    except CheckpointError:
+        return {}
+    config = data.get("config") if isinstance(data, dict) else None
+    return {k: v for k, v in config.items() if isinstance(v, str)} if isinstance(config, dict) else {}
 
 
 def _read_index(store: Store, listing: set[str]) -> dict[str, Entry]:

@@ -247,7 +247,9 @@ class CheckpointManager:
 
     def _write_index_quietly(self) -> None:
         try:
-            write_index(self._store, self._entries)
+            config = {} if self._monitor is None else {
+                "monitor": self._monitor.metric, "mode": self._monitor.mode}
+            write_index(self._store, self._entries, config)
         except CheckpointError as exc:  # the index is a cache; the manifests are the truth
             log.warning("could not write the index: %s", exc)
 
