@@ -22,7 +22,7 @@ demo: $(VENV)/.core
 	$(BIN)/checkpointer demo demo-checkpoints
 
 lint: $(VENV)/.all
-	$(BIN)/ruff check checkpointer adapters tests benchmarks
+	$(BIN)/ruff check .
 
 typecheck: $(VENV)/.all
 	$(BIN)/mypy
