@@ -1,14 +1,20 @@
-"""Background saving: snapshot into reused staging buffers, write on one thread.
+"""Background saving: snapshot into a reused staging arena, write on one thread.
 
-At most one save is in flight; staging the next one waits for it (its buffers are about
-to be reused). A background failure is kept and raised by the next call into the
-manager, by ``wait`` or by ``close``: never lost. The worker thread is joined at
-interpreter exit (``concurrent.futures`` does that for its threads), so a save still
-running when the program ends completes.
+The caller's arrays are copied into one staging arena (a single byte buffer, allocated
+on the first save and grown only when the state grows), laid out 64-byte aligned,
+little-endian and contiguous so the writer never copies again. The call then returns;
+one worker thread streams, checksums and commits from the arena.
+
+At most one save is in flight; staging the next one waits for it (its arena is about to
+be reused). A background failure is kept and raised by the next call into the manager,
+by ``wait`` or by ``close`` (and logged when it happens, so it is never lost even at
+exit). The worker is a ``concurrent.futures`` thread, which the interpreter joins at
+exit: a save still running when the program ends completes.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -19,38 +25,70 @@ from .retention import Record
 
 __all__ = ["AsyncWriter"]
 
+log = logging.getLogger("checkpointer")
+_ALIGN = 64
+
+
+def _staged_dtype(dtype: np.dtype) -> np.dtype:
+    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
 
 class AsyncWriter:
-    """One background writer with staging buffers allocated once and grown when needed."""
+    """One background writer thread with a reused staging arena.
+
+    Call order: :meth:`stage` (waits for the previous save, copies) -> :meth:`submit`
+    (starts the write) -> ... -> :meth:`wait` / :meth:`close`. Used from one thread.
+    """
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpointer-save")
         self._future: Future[Any] | None = None
-        self._buffers: dict[str, np.ndarray] = {}
+        self._arena = np.empty(0, dtype=np.uint8)
+        self._closed = False
         self.pending_seq = -1
         self.pending_record: Record | None = None
 
+    @property
+    def capacity(self) -> int:
+        """Bytes held by the staging arena."""
+        return int(self._arena.nbytes)
+
+    @property
+    def busy(self) -> bool:
+        """True while a save is in flight (or finished but not yet collected)."""
+        return self._future is not None
+
     def stage(self, arrays: Sequence[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
-        """Copy ``arrays`` into staging buffers; later mutation of the originals is harmless."""
+        """Copy ``arrays`` into the arena; later mutation of the originals is harmless.
+
+        Waits for the in-flight save first (raising its error, if any).
+        """
         self.wait()
+        offsets, end = [], 0
+        for _, arr in arrays:
+            offsets.append(end)
+            end += -(-arr.nbytes // _ALIGN) * _ALIGN
+        if end > self._arena.nbytes:
+            self._arena = np.empty(0, dtype=np.uint8)  # free the old one before growing
+            self._arena = _aligned_empty(end)
         staged = []
-        for key, arr in arrays:
-            buf = self._buffers.get(key)
-            if buf is None or buf.shape != arr.shape or buf.dtype != arr.dtype:
-                buf = np.empty(arr.shape, dtype=arr.dtype)
-                self._buffers[key] = buf
-            np.copyto(buf, arr, casting="no")
+        for (key, arr), off in zip(arrays, offsets, strict=True):
+            dtype = _staged_dtype(arr.dtype)
+            buf = self._arena[off : off + arr.nbytes].view(dtype).reshape(arr.shape)
+            np.copyto(buf, arr, casting="equiv")
             staged.append((key, buf))
-        if len(self._buffers) > len(staged):
-            keep = {k for k, _ in staged}
-            self._buffers = {k: v for k, v in self._buffers.items() if k in keep}
         return staged
 
     def submit(self, seq: int, record: Record, job: Callable[[], Any]) -> None:
         """Run ``job`` in the background (after any previous job has finished)."""
         self.wait()
+        if self._closed:  # used again after close(): start a fresh worker
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="checkpointer-save"
+            )
+            self._closed = False
         self.pending_seq, self.pending_record = seq, record
-        self._future = self._executor.submit(job)
+        self._future = self._executor.submit(_logged, record.name, job)
 
     def raise_error(self) -> None:
         """Raise the error of a finished background save, if any (once)."""
@@ -68,9 +106,24 @@ class AsyncWriter:
             self.pending_record = None
 
     def close(self) -> None:
-        """Wait for the in-flight save, then stop the worker thread."""
+        """Wait for the in-flight save, then stop the worker thread and free the arena."""
+        self._closed = True
         try:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
-            self._buffers = {}
+            self._arena = np.empty(0, dtype=np.uint8)
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    shift = -raw.ctypes.data % _ALIGN
+    return raw[shift : shift + nbytes]
+
+
+def _logged(name: str, job: Callable[[], Any]) -> Any:
+    try:
+        return job()
+    except BaseException as exc:
+        log.error("background save of %s failed: %s: %s", name, type(exc).__name__, exc)
+        raise

@@ -19,7 +19,7 @@ import re
 import secrets
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,23 @@ def new_owner() -> str:
 def _release(owner: str) -> None:
     with _active_lock:
         _active.discard(owner)
+
+
+@contextlib.contextmanager
+def doomed(rel: str) -> Iterator[str]:
+    """A name to move folder ``rel`` to before deleting it, so that an interrupted delete
+    leaves a temporary folder that :func:`cleanup` removes, never a half-deleted checkpoint.
+
+    ``rel`` itself when it already is a leftover (a hidden or nested name).
+    """
+    if rel.startswith(".") or "/" in rel:
+        yield rel
+        return
+    owner = new_owner()
+    try:
+        yield f"{TMP_PREFIX}{rel}-{owner}"
+    finally:
+        _release(owner)
 
 
 def owner_is_dead(owner: str) -> bool:
@@ -136,6 +153,7 @@ def _write_files(store: Store, folder: str, prefix: str, skeleton: Any,
 def _write_renaming(store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, np.ndarray]],
                     fields: dict[str, Any], owner: str, max_file_bytes: int) -> int:
     tmp = f"{TMP_PREFIX}{name}-{owner}"
+    old, placed = None, False
     store.makedirs("")
     store.makedirs(tmp)
     try:
@@ -144,19 +162,25 @@ def _write_renaming(store: Store, name: str, skeleton: Any, arrays: Sequence[tup
         if store.exists(name):
             old = f"{OLD_PREFIX}{name}-{owner}"
             store.rename(name, old)
-            store.rename(tmp, name)
-            store.fsync_dir("")
-            with contextlib.suppress(CheckpointError):
-                store.remove_tree(old)
-        else:
-            store.rename(tmp, name)
-        store.fsync_dir("")
-        return nbytes
+        store.rename(tmp, name)
+        placed = True
+        store.fsync_dir("")  # the commit point: after it, the save has succeeded
+        placed = False
     except BaseException:
+        # Undo: a failed save must never show, and the checkpoint it replaced must come back.
         with contextlib.suppress(Exception):
+            if placed:
+                store.rename(name, tmp)
+            if old is not None and not store.exists(name):
+                store.rename(old, name)
             if store.exists(tmp):
                 store.remove_tree(tmp)
         raise
+    if old is not None:
+        with contextlib.suppress(CheckpointError):
+            store.remove_tree(old)
+            store.fsync_dir("")
+    return nbytes
 
 
 def _write_object_store(store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, np.ndarray]],
@@ -228,7 +252,10 @@ def load_checkpoint(store: Store, name: str, *, verify: bool = True) -> tuple[An
     arrays: dict[str, np.ndarray] = {}
     for fname, nbytes, crc in manifest["files"]:
         arrays.update(_load_file(store, f"{name}/{fname}", nbytes, crc, by_file[fname], verify))
-    return unflatten(manifest["tree"], arrays), manifest
+    try:
+        return unflatten(manifest["tree"], arrays), manifest
+    except ManifestError as exc:
+        raise ManifestError(f"{store.url_of(name)}/{fmt.MANIFEST_NAME}: {exc}") from None
 
 
 def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str, list[Any]],

@@ -1,8 +1,9 @@
 """Format v1: safetensors data files plus a checksummed msgpack manifest.
 
 Writing streams each file: the header is computed from shapes and dtypes alone, then every
-array's bytes go straight from its memory to the destination while crc32c runs over the
-same buffer. Reading is hostile-input safe: every size is capped and checked against the
+array's bytes go straight from its memory to the destination while crc32c runs once over
+the same buffer (the file checksum is chained from the tensor checksums, see
+:class:`FileRecord`). Reading is hostile-input safe: every size is capped and checked against the
 real file length before anything is allocated, offsets must tile the data exactly, dtypes
 are allow-listed, keys unique, names plain. See ``docs``-level description in README.
 """
@@ -76,7 +77,13 @@ class TensorRecord:
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One data file: its name, total length and crc32c of every byte."""
+    """One data file: its name, total length and checksum.
+
+    The file checksum is the crc32c of the header bytes (length prefix included)
+    continued over every tensor's crc32c as little-endian uint32, in file order. Each
+    tensor's bytes are covered by its own crc32c and offsets tile the file, so every
+    byte of the file is covered while the data is checksummed in one pass.
+    """
 
     name: str
     nbytes: int
@@ -126,17 +133,15 @@ def write_safetensors(
     blob += b" " * (-(len(blob) + 8) % 8)
     head = struct.pack("<Q", len(blob)) + blob
     sink.write(head)
-    file_crc = crc32c(head)
     tensors = []
     base = len(head)
     for key, arr, code, off in layout:
         view = _raw(_le_contiguous(arr))
         sink.write(view)
-        t_crc = crc32c(view)
-        file_crc = crc32c(view, file_crc)
         tensors.append(TensorRecord(key, file_name, code, tuple(arr.shape), base + off,
-                                    base + off + arr.nbytes, t_crc))
-    return FileRecord(file_name, base + offset, file_crc), tensors
+                                    base + off + arr.nbytes, crc32c(view)))
+    crcs = struct.pack(f"<{len(tensors)}I", *(t.crc32c for t in tensors))
+    return FileRecord(file_name, base + offset, crc32c(crcs, crc32c(head))), tensors
 
 
 @dataclass(frozen=True)
@@ -235,8 +240,9 @@ def read_tensors(
     """Read every tensor with ``readinto`` into a fresh array, checking crcs when given.
 
     ``entries`` come from :func:`read_header` (sorted, tiling the file), so their sizes are
-    already bounded by the real file length. Returns the arrays and the file crc32c
-    continued from ``file_crc`` (only computed when ``expected_crc`` is given).
+    already bounded by the real file length. Returns the arrays and the file checksum
+    (see :class:`FileRecord`) continued from ``file_crc`` over each tensor's crc32c
+    (only computed when ``expected_crc`` is given).
     """
     out: dict[str, np.ndarray] = {}
     for e in entries:
@@ -250,9 +256,10 @@ def read_tensors(
                 raise TruncatedFileError(f"{where}: tensor {e.key!r:.80} is cut short")
             got += n
         if expected_crc is not None:
-            if crc32c(view) != expected_crc[e.key]:
+            t_crc = crc32c(view)
+            if t_crc != expected_crc[e.key]:
                 raise ChecksumMismatchError(f"{where}: tensor {e.key!r:.80} fails its crc32c checksum")
-            file_crc = crc32c(view, file_crc)
+            file_crc = crc32c(t_crc.to_bytes(4, "little"), file_crc)
         out[e.key] = arr
     return out, file_crc
 
@@ -286,7 +293,7 @@ def decode_framed(data: bytes, magic: bytes, where: str, cap: int = MAX_MANIFEST
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext,
                                use_list=True)
-    except ManifestError:
-        raise
+    except ManifestError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise ManifestError(f"{where}: undecodable msgpack ({exc})") from None

@@ -19,7 +19,7 @@ from .info import CheckpointInfo
 from .storage import Store
 
 __all__ = ["Entry", "INDEX_NAME", "load_entries", "write_index", "entry_from_manifest",
-           "read_index_meta"]
+           "read_index_meta", "encode_entry", "decode_entry"]
 
 log = logging.getLogger("checkpointer")
 INDEX_NAME = ".ckpt-index.msgpack"
@@ -52,12 +52,12 @@ def entry_from_manifest(store: Store, name: str, m: dict[str, Any], manifest_byt
     return Entry(info, seq if seq is not None else -1, bool(m.get("managed", False)))
 
 
-def _encode(e: Entry) -> list[Any]:
+def encode_entry(e: Entry) -> list[Any]:
     i = e.info
     return [i.name, i.step, i.epoch, i.metrics, i.time, i.nbytes, e.seq, e.managed]
 
 
-def _decode(store: Store, row: Any) -> Entry | None:
+def decode_entry(store: Store, row: Any) -> Entry | None:
     if not (isinstance(row, list) and len(row) == 8 and isinstance(row[0], str)
             and isinstance(row[3], dict) and isinstance(row[4], float) and type(row[5]) is int
             and type(row[6]) is int):
@@ -74,7 +74,7 @@ def write_index(store: Store, entries: list[Entry], config: dict[str, Any] | Non
     ``checkpointer ls`` can mark the best checkpoint.
     """
     blob = fmt.encode_framed(INDEX_MAGIC, {"version": 1, "config": config or {},
-                                           "checkpoints": [_encode(e) for e in entries]})
+                                           "checkpoints": [encode_entry(e) for e in entries]})
     if store.atomic_rename:
         from .commit import new_owner
         tmp = f".ckpt-tmp-index-{new_owner()}"
@@ -101,7 +101,7 @@ def _read_index(store: Store, listing: set[str]) -> dict[str, Entry]:
     try:
         data = fmt.decode_framed(store.read_bytes(INDEX_NAME), INDEX_MAGIC, store.url_of(INDEX_NAME))
         rows = data["checkpoints"] if isinstance(data, dict) else []
-        entries = [e for e in (_decode(store, r) for r in rows) if e is not None]
+        entries = [e for e in (decode_entry(store, r) for r in rows) if e is not None]
     except (CheckpointError, KeyError, TypeError) as exc:
         log.warning("index %s is unreadable (%s); rebuilding it from the manifests",
                     store.url_of(INDEX_NAME), exc)

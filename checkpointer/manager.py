@@ -24,6 +24,7 @@ from typing import Any
 
 from . import commit
 from .async_save import AsyncWriter
+from .distributed import Coordinator, detect_coordinator, run_on_primary
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -31,7 +32,7 @@ from .errors import (
     MetricError,
     StorageError,
 )
-from .index import Entry, load_entries, write_index
+from .index import Entry, decode_entry, encode_entry, load_entries, write_index
 from .info import Checkpoint, CheckpointInfo
 from .monitor import Monitor, to_float
 from .naming import default_name, format_name, template_fields
@@ -72,6 +73,7 @@ class CheckpointManager:
         filename: str | None = None, nan_policy: str = "worst", async_save: bool = False,
         storage_options: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
         filesystem: Any = None, max_file_bytes: int = commit.DEFAULT_MAX_FILE_BYTES,
+        coordinator: Coordinator | None = None,
     ) -> None:
         if nan_policy not in ("worst", "skip", "raise"):
             raise ConfigurationError(f"nan_policy must be 'worst', 'skip' or 'raise', got {nan_policy!r}")
@@ -94,6 +96,12 @@ class CheckpointManager:
         self._protected: set[str] = set()
         self._started = clock()
         self._async = AsyncWriter() if async_save else None
+        self._coord = coordinator if coordinator is not None else detect_coordinator()
+        self._entries: list[Entry] = []
+        self._entries = run_on_primary(self._coord, self._open_directory, self._encode_entries,
+                                       self._decode_entries)
+
+    def _open_directory(self) -> list[Entry]:
         listing = self._store.list_files()
         removed = commit.cleanup(self._store, listing)
         if removed:
@@ -102,6 +110,24 @@ class CheckpointManager:
         self._entries, stale = load_entries(self._store, listing)
         if stale and self._entries:
             self._write_index_quietly()
+        return self._entries
+
+    def _encode_entries(self, entries: list[Entry]) -> Any:
+        return [encode_entry(e) for e in entries]
+
+    def _decode_entries(self, rows: Any) -> list[Entry]:
+        return [e for e in (decode_entry(self._store, r) for r in rows) if e is not None]
+
+    def _on_primary(self, fn: Callable[[], CheckpointInfo | None]) -> CheckpointInfo | None:
+        """Run a save decision on rank 0 and mirror its outcome on every other rank."""
+        def encode(info: CheckpointInfo | None) -> Any:
+            name = None if info is None else info.name
+            return {"name": name, "entries": self._encode_entries(self._entries)}
+
+        def decode(value: Any) -> CheckpointInfo | None:
+            self._entries = self._decode_entries(value["entries"])
+            return next((e.info for e in self._entries if e.info.name == value["name"]), None)
+        return run_on_primary(self._coord, fn, encode, decode)
 
     # -- public properties -------------------------------------------------------------
 
@@ -135,31 +161,39 @@ class CheckpointManager:
         ``state`` may be a zero-argument callable, called only when a save happens.
         Returns the new checkpoint's info, or ``None`` (the reason is logged).
         """
-        self._raise_background_error()
-        reason = self._schedule.at_epoch(epoch, self._since(), self._clock())
-        if reason is None:
-            log.debug("epoch %s: not a save point", epoch)
-            return None
-        return self._consider(state, step, epoch, metrics, reason)
+        def decide() -> CheckpointInfo | None:
+            self._raise_background_error()
+            reason = self._schedule.at_epoch(epoch, self._since(), self._clock())
+            if reason is None:
+                log.debug("epoch %s: not a save point", epoch)
+                return None
+            return self._consider(state, step, epoch, metrics, reason)
+        return self._on_primary(decide)
 
     def step_end(self, step: int, state: Any, *,
                  metrics: dict[str, Any] | None = None) -> CheckpointInfo | None:
         """End of step ``step``: save if the schedule and the monitor say so."""
-        self._raise_background_error()
-        reason = self._schedule.at_step(step, self._since(), self._clock())
-        if reason is None:
-            log.debug("step %s: not a save point", step)
-            return None
-        return self._consider(state, step, None, metrics, reason)
+        def decide() -> CheckpointInfo | None:
+            self._raise_background_error()
+            reason = self._schedule.at_step(step, self._since(), self._clock())
+            if reason is None:
+                log.debug("step %s: not a save point", step)
+                return None
+            return self._consider(state, step, None, metrics, reason)
+        return self._on_primary(decide)
 
     def save(self, state: Any, *, step: int | None = None, epoch: int | None = None,
              metrics: dict[str, Any] | None = None) -> CheckpointInfo:
         """Save now, whatever the schedule and ``save_best_only``; ranked and retained as usual."""
-        self._raise_background_error()
-        score, skip = self._score(metrics)
-        if skip:
-            log.info("saving although %s (an explicit save)", skip)
-        return self._save(state, step, epoch, metrics, score)
+        def decide() -> CheckpointInfo:
+            self._raise_background_error()
+            score, skip = self._score(metrics)
+            if skip:
+                log.info("saving although %s (an explicit save)", skip)
+            return self._save(state, step, epoch, metrics, score)
+        info = self._on_primary(decide)
+        assert info is not None
+        return info
 
     def _consider(self, state: Any, step: int | None, epoch: int | None,
                   metrics: dict[str, Any] | None, reason: str) -> CheckpointInfo | None:
@@ -267,6 +301,11 @@ class CheckpointManager:
             CorruptCheckpointError: the requested checkpoint fails verification.
         """
         self.wait()
+        return run_on_primary(self._coord, lambda: self._restore_local(which, verify, fallback),
+                              lambda ckpt: ckpt.info.name,
+                              lambda name: self._restore_local(name, verify, False))
+
+    def _restore_local(self, which: str | int, verify: bool, fallback: bool) -> Checkpoint:
         candidates, can_fall_back = self._candidates(which)
         for entry in candidates:
             try:
@@ -330,12 +369,12 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until an in-flight asynchronous save has committed; raise its error."""
         if self._async is not None:
-            self._async.wait()
+            run_on_primary(self._coord, self._async.wait, lambda _: None, lambda _: None)
 
     def close(self) -> None:
         """Wait for any in-flight save, then release resources."""
         if self._async is not None:
-            self._async.close()
+            run_on_primary(self._coord, self._async.close, lambda _: None, lambda _: None)
 
     def __enter__(self) -> CheckpointManager:
         return self

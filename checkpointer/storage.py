@@ -20,6 +20,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
+from .format import MANIFEST_NAME
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "open_store", "split_url"]
 
@@ -172,8 +173,14 @@ class LocalStore(Store):
         _guard(f"deleting {self.path(rel)}", lambda: os.unlink(self.path(rel)))
 
     def remove_tree(self, rel: str) -> None:
+        """Delete folder ``rel``: renamed aside first, so a crash never leaves half of it."""
         import shutil
-        _guard(f"deleting {self.path(rel)}", lambda: shutil.rmtree(self.path(rel)))
+
+        from .commit import doomed  # commit imports this module
+        with doomed(rel) as gone:
+            if gone != rel:
+                self.rename(rel, gone)
+            _guard(f"deleting {self.path(rel)}", lambda: shutil.rmtree(self.path(gone)))
 
     def fsync_dir(self, rel: str) -> None:
         def sync() -> None:
@@ -208,6 +215,12 @@ class FsspecStore(Store):
                 out.append(rel + "/" if info.get("type") == "directory" else rel)
             return out
         self.fs.invalidate_cache(self.root)
+        # invalidate_cache(root) keeps the cached listings of sub-folders (s3fs): another
+        # process may have changed them, so drop those too.
+        cache = getattr(self.fs, "dircache", None)
+        if cache is not None:
+            for key in [k for k in list(cache) if str(k).startswith(self.root + "/")]:
+                cache.pop(key, None)
         return _guard(f"listing {self.url}", walk)
 
     def size(self, rel: str) -> int:
@@ -248,7 +261,16 @@ class FsspecStore(Store):
         _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm_file(self.path(rel)))
 
     def remove_tree(self, rel: str) -> None:
-        _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm(self.path(rel), recursive=True))
+        """Delete folder ``rel``; a crash midway leaves leftovers for cleanup, never a manifest
+        naming deleted data (renamed aside first, or else the manifest goes first)."""
+        from .commit import doomed  # commit imports this module
+        with doomed(rel) as gone:
+            if gone != rel and self.atomic_rename:
+                self.rename(rel, gone)
+                rel = gone
+            elif self.exists(f"{rel}/{MANIFEST_NAME}"):
+                self.remove_file(f"{rel}/{MANIFEST_NAME}")
+            _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm(self.path(rel), recursive=True))
 
 
 class _GuardedWriter:

@@ -1,0 +1,97 @@
+"""Multi-process agreement: decisions made once, on the primary rank, and shared.
+
+When a training job runs several processes (torch.distributed, JAX multi-process),
+every rank makes the same :class:`~checkpointer.CheckpointManager` calls. The primary
+(rank 0) applies schedule, monitor, save and retention; the others receive the outcome
+(the new checkpoint, the list of checkpoints, or the error) through a
+:class:`Coordinator`, so every rank sees the same answer even when metrics differ
+slightly between ranks, and replicated state is written once. Payloads are msgpack,
+never pickle. Framework coordinators live in the adapters and are picked up
+automatically when the framework's process group is initialized.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import msgpack
+
+from .errors import CheckpointError
+
+__all__ = ["Coordinator", "SingleProcess", "detect_coordinator", "run_on_primary", "pack", "unpack"]
+
+_T = TypeVar("_T")
+
+
+@runtime_checkable
+class Coordinator(Protocol):
+    """The collective operations the manager needs from a distributed runtime.
+
+    Call order: every rank calls each method the same number of times, in the same order.
+    """
+
+    rank: int
+    world_size: int
+
+    def broadcast_bytes(self, data: bytes | None) -> bytes:
+        """Rank 0's ``data`` on every rank (others pass ``None``)."""
+        ...
+
+
+class SingleProcess:
+    """The coordinator of a job with one process: everything is local."""
+
+    rank = 0
+    world_size = 1
+
+    def broadcast_bytes(self, data: bytes | None) -> bytes:
+        return data or b""
+
+
+def pack(obj: Any) -> bytes:
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def run_on_primary(coord: Coordinator, fn: Callable[[], _T], encode: Callable[[_T], Any],
+                   decode: Callable[[Any], _T]) -> _T:
+    """Run ``fn`` on rank 0 only and hand its result (or its error) to every rank.
+
+    On other ranks an error of rank 0 is raised as a :class:`CheckpointError` carrying
+    rank 0's message, so no rank is left waiting in a collective.
+    """
+    if coord.world_size == 1:
+        return fn()
+    if coord.rank == 0:
+        try:
+            result = fn()
+        except CheckpointError as exc:
+            coord.broadcast_bytes(pack({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
+            raise
+        except BaseException as exc:
+            coord.broadcast_bytes(pack({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
+            raise
+        coord.broadcast_bytes(pack({"ok": True, "value": encode(result)}))
+        return result
+    payload = unpack(coord.broadcast_bytes(None))
+    if not payload.get("ok"):
+        raise CheckpointError(f"rank 0 failed: {payload.get('error')}")
+    return decode(payload["value"])
+
+
+def detect_coordinator() -> Coordinator:
+    """The coordinator of the running job: torch.distributed when it is initialized with
+    more than one process, else a single process. Never imports a framework itself."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        module = importlib.import_module("checkpointer.adapters.torch_distributed")
+        coord: Coordinator = module.TorchCoordinator()
+        return coord
+    return SingleProcess()

@@ -1,0 +1,194 @@
+"""Lazy access to one checkpoint: read the manifest, then only the tensors asked for.
+
+``checkpointer.open(url)`` reads and verifies the manifest (one small read) and nothing
+else; :meth:`CheckpointReader.tensor` then reads a single tensor with one seek and one
+``readinto`` into a fresh array and checks its own crc32c, whatever the size of the rest
+of the checkpoint. Every range taken from the manifest is validated (allow-listed dtype,
+shape matching the byte range, range inside the real file) before anything is allocated.
+
+Example::
+
+    with checkpointer.open("ckpts/epoch0010") as ckpt:
+        print(ckpt.keys())
+        w = ckpt.tensor("model/layer0/weight")
+        tree = ckpt.state(lazy=True)          # array leaves are LazyTensor
+        bias = tree["model"]["bias"].load()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import Any, BinaryIO, cast
+
+import numpy as np
+
+from . import commit
+from . import format as fmt
+from .dtypes import safetensors_to_numpy
+from .errors import (
+    InvalidOffsetsError,
+    ManifestError,
+    TrailingDataError,
+    TruncatedFileError,
+    UnsupportedDtypeError,
+)
+from .storage import Store, open_store, split_url
+from .tree import unflatten
+
+__all__ = ["open", "CheckpointReader", "LazyTensor"]
+
+
+class LazyTensor:
+    """A tensor of an open checkpoint, read on :meth:`load` (or ``np.asarray``)."""
+
+    __slots__ = ("_reader", "key", "dtype", "shape")
+
+    def __init__(self, reader: CheckpointReader, key: str, dtype: np.dtype, shape: tuple[int, ...]):
+        self._reader, self.key, self.dtype, self.shape = reader, key, dtype, shape
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def load(self, *, verify: bool = True) -> np.ndarray:
+        """Read the tensor now (a fresh array); its crc32c is checked unless ``verify=False``."""
+        return self._reader.tensor(self.key, verify=verify)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self.load()
+        return arr if dtype is None else arr.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.key!r}, dtype={self.dtype}, shape={self.shape})"
+
+
+class CheckpointReader:
+    """An open checkpoint: its manifest in memory, data files opened on first use.
+
+    Use :func:`open` to create one; close it (or use ``with``) to release file handles.
+    """
+
+    def __init__(self, store: Store, name: str) -> None:
+        self._store, self.name = store, name
+        self.manifest: dict[str, Any] = commit.read_manifest(store, name)
+        self._files: dict[str, tuple[int, int]] = {
+            f[0]: (f[1], f[2]) for f in self.manifest["files"]
+        }
+        self._tensors: dict[str, list[Any]] = {t[0]: t for t in self.manifest["tensors"]}
+        self._handles: dict[str, BinaryIO] = {}
+
+    @property
+    def url(self) -> str:
+        """The checkpoint's URL or path."""
+        return self._store.url_of(self.name)
+
+    def keys(self) -> list[str]:
+        """Tensor keys (tree paths), in storage order."""
+        return list(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def info(self, key: str) -> LazyTensor:
+        """dtype and shape of tensor ``key`` without reading it."""
+        entry = self._entry(key)
+        return LazyTensor(self, key, entry.dtype, entry.shape)
+
+    def tensor(self, key: str, *, verify: bool = True) -> np.ndarray:
+        """Read tensor ``key`` alone into a fresh array, checking its crc32c unless told not to.
+
+        Raises:
+            KeyError: no tensor ``key``.
+            CorruptCheckpointError: (a subclass of) the manifest entry or the bytes are bad.
+        """
+        entry = self._entry(key)
+        crc = {key: self._tensors[key][6]} if verify else None
+        arrays, _ = fmt.read_tensors(
+            self._handle(self._tensors[key][1]),
+            [entry],
+            crc,
+            self._store.url_of(f"{self.name}/{self._tensors[key][1]}"),
+        )
+        return arrays[key]
+
+    def state(self, lazy: bool = False, *, verify: bool = True) -> Any:
+        """The whole state tree: eager (every file read and verified, as ``load``), or with
+        :class:`LazyTensor` leaves when ``lazy``."""
+        if lazy:
+            leaves = {k: self.info(k) for k in self._tensors}
+            return unflatten(self.manifest["tree"], cast(dict[str, np.ndarray], leaves))
+        by_file: dict[str, dict[str, list[Any]]] = {f: {} for f in self._files}
+        for t in self._tensors.values():
+            by_file[t[1]][t[0]] = t
+        arrays: dict[str, np.ndarray] = {}
+        for fname, (nbytes, crc) in self._files.items():
+            arrays.update(
+                commit._load_file(
+                    self._store, f"{self.name}/{fname}", nbytes, crc, by_file[fname], verify
+                )
+            )
+        return unflatten(self.manifest["tree"], arrays)
+
+    def _entry(self, key: str) -> fmt.HeaderEntry:
+        t = self._tensors[key]
+        where = self._store.url_of(f"{self.name}/{fmt.MANIFEST_NAME}")
+        dtype = safetensors_to_numpy(t[2])
+        if dtype is None:
+            raise UnsupportedDtypeError(f"{where}: tensor {key!r:.80} has dtype {t[2]!r:.20}")
+        shape, begin, end = t[3], t[4], t[5]
+        if len(shape) > fmt.MAX_NDIM or any(d < 0 for d in shape):
+            raise ManifestError(f"{where}: tensor {key!r:.80} has an invalid shape")
+        nbytes = self._files[t[1]][0]
+        if not 8 <= begin <= end <= nbytes or math.prod(shape) * dtype.itemsize != end - begin:
+            raise InvalidOffsetsError(f"{where}: tensor {key!r:.80} has an invalid byte range")
+        return fmt.HeaderEntry(key, dtype, t[2], tuple(shape), begin, end)
+
+    def _handle(self, fname: str) -> BinaryIO:
+        f = self._handles.get(fname)
+        if f is None:
+            rel = f"{self.name}/{fname}"
+            size, want = self._store.size(rel), self._files[fname][0]
+            if size != want:
+                err = TruncatedFileError if size < want else TrailingDataError
+                raise err(f"{self._store.url_of(rel)}: {size} bytes, the manifest says {want}")
+            f = self._handles[fname] = self._store.open_read(rel)
+        return f
+
+    def close(self) -> None:
+        """Close the data files opened so far."""
+        handles, self._handles = self._handles, {}
+        for f in handles.values():
+            f.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({self.url!r}, {len(self)} tensors)"
+
+
+def open(
+    url: str | os.PathLike[str],
+    *,  # noqa: A001 - mirrors builtins.open / safe_open
+    storage_options: dict[str, Any] | None = None,
+) -> CheckpointReader:
+    """Open the checkpoint folder ``url`` for lazy reading (reads only its manifest).
+
+    Raises:
+        CheckpointNotFoundError: ``url`` holds no checkpoint.
+        CorruptCheckpointError: (a subclass of) the manifest is damaged.
+    """
+    parent, name = split_url(os.fspath(url))
+    return CheckpointReader(open_store(parent, storage_options), name)
