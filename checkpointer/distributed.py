@@ -40,6 +40,10 @@ class Coordinator(Protocol):
         """Rank 0's ``data`` on every rank (others pass ``None``)."""
         ...
 
+    def gather_bytes(self, data: bytes) -> list[bytes] | None:
+        """Every rank's ``data`` in rank order on rank 0; ``None`` on the others."""
+        ...
+
 
 class SingleProcess:
     """The coordinator of a job with one process: everything is local."""
@@ -49,6 +53,9 @@ class SingleProcess:
 
     def broadcast_bytes(self, data: bytes | None) -> bytes:
         return data or b""
+
+    def gather_bytes(self, data: bytes) -> list[bytes] | None:
+        return [data]
 
 
 def pack(obj: Any) -> bytes:

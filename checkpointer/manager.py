@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from . import commit
+from . import collective, commit
 from .async_save import AsyncWriter
 from .distributed import Coordinator, detect_coordinator, run_on_primary
 from .errors import (
@@ -38,6 +38,7 @@ from .monitor import Monitor, to_float
 from .naming import default_name, format_name, template_fields
 from .retention import Record, Retention, best_record
 from .schedule import Schedule
+from .sharding import specs_from_template
 from .storage import open_store
 from .tree import flatten, resolve_state
 
@@ -118,17 +119,6 @@ class CheckpointManager:
     def _decode_entries(self, rows: Any) -> list[Entry]:
         return [e for e in (decode_entry(self._store, r) for r in rows) if e is not None]
 
-    def _on_primary(self, fn: Callable[[], CheckpointInfo | None]) -> CheckpointInfo | None:
-        """Run a save decision on rank 0 and mirror its outcome on every other rank."""
-        def encode(info: CheckpointInfo | None) -> Any:
-            name = None if info is None else info.name
-            return {"name": name, "entries": self._encode_entries(self._entries)}
-
-        def decode(value: Any) -> CheckpointInfo | None:
-            self._entries = self._decode_entries(value["entries"])
-            return next((e.info for e in self._entries if e.info.name == value["name"]), None)
-        return run_on_primary(self._coord, fn, encode, decode)
-
     # -- public properties -------------------------------------------------------------
 
     @property
@@ -161,55 +151,60 @@ class CheckpointManager:
         ``state`` may be a zero-argument callable, called only when a save happens.
         Returns the new checkpoint's info, or ``None`` (the reason is logged).
         """
-        def decide() -> CheckpointInfo | None:
+        def decide() -> dict[str, Any] | None:
             self._raise_background_error()
             reason = self._schedule.at_epoch(epoch, self._since(), self._clock())
             if reason is None:
                 log.debug("epoch %s: not a save point", epoch)
                 return None
-            return self._consider(state, step, epoch, metrics, reason)
-        return self._on_primary(decide)
+            return self._plan(step, epoch, metrics, reason, best_only=self.save_best_only)
+        return self._run(decide, state)
 
     def step_end(self, step: int, state: Any, *,
                  metrics: dict[str, Any] | None = None) -> CheckpointInfo | None:
         """End of step ``step``: save if the schedule and the monitor say so."""
-        def decide() -> CheckpointInfo | None:
+        def decide() -> dict[str, Any] | None:
             self._raise_background_error()
             reason = self._schedule.at_step(step, self._since(), self._clock())
             if reason is None:
                 log.debug("step %s: not a save point", step)
                 return None
-            return self._consider(state, step, None, metrics, reason)
-        return self._on_primary(decide)
+            return self._plan(step, None, metrics, reason, best_only=self.save_best_only)
+        return self._run(decide, state)
 
     def save(self, state: Any, *, step: int | None = None, epoch: int | None = None,
              metrics: dict[str, Any] | None = None) -> CheckpointInfo:
         """Save now, whatever the schedule and ``save_best_only``; ranked and retained as usual."""
-        def decide() -> CheckpointInfo:
+        def decide() -> dict[str, Any] | None:
             self._raise_background_error()
-            score, skip = self._score(metrics)
-            if skip:
-                log.info("saving although %s (an explicit save)", skip)
-            return self._save(state, step, epoch, metrics, score)
-        info = self._on_primary(decide)
+            return self._plan(step, epoch, metrics, "an explicit save", best_only=False, force=True)
+        info = self._run(decide, state)
         assert info is not None
         return info
 
-    def _consider(self, state: Any, step: int | None, epoch: int | None,
-                  metrics: dict[str, Any] | None, reason: str) -> CheckpointInfo | None:
+    def _plan(self, step: int | None, epoch: int | None, metrics: dict[str, Any] | None,
+              reason: str, *, best_only: bool, force: bool = False) -> dict[str, Any] | None:
+        """Apply the monitor; the plan of the save (plain data, shared with other ranks)."""
         score, skip = self._score(metrics)
         where = f"epoch {epoch}" if epoch is not None else f"step {step}"
-        if skip:
+        if skip and not force:
             log.info("%s: not saved: %s", where, skip)
             return None
-        if self.save_best_only and self._monitor is not None:
+        if best_only and self._monitor is not None:
             best = self._best_score()
             if score is None or not self._monitor.is_improvement(score, best):
                 log.info("%s: not saved: %s=%s is not an improvement on %s", where,
                          self._monitor.metric, score, best)
                 return None
         log.debug("%s: saving (%s)", where, reason)
-        return self._save(state, step, epoch, metrics, score)
+        clean = {k: _metric_value(k, v) for k, v in (metrics or {}).items()}
+        seq = max([e.seq for e in self._entries] + [-1]) + 1
+        if self._async is not None:
+            seq = max(seq, self._async.pending_seq + 1)
+        name = (format_name(self.filename, epoch=epoch, step=step, metrics=clean)
+                if self.filename else default_name(epoch=epoch, step=step, seq=seq))
+        return {"name": name, "seq": seq, "step": step, "epoch": epoch, "metrics": clean,
+                "score": score, "time": float(self._clock())}
 
     def _score(self, metrics: dict[str, Any] | None) -> tuple[float | None, str | None]:
         """The monitored value and, when the save must be skipped, why."""
@@ -221,7 +216,7 @@ class CheckpointManager:
             msg = (f"monitored metric {mon.metric!r} is missing from the metrics "
                    f"({sorted(metrics or {})}); this save point is not ranked")
             log.warning(msg)
-            warnings.warn(msg, CheckpointWarning, stacklevel=4)
+            warnings.warn(msg, CheckpointWarning, stacklevel=5)
             return None, (f"{mon.metric!r} is missing" if self.save_best_only else None)
         if not math.isfinite(value):
             if self._nan_policy == "raise":
@@ -230,39 +225,53 @@ class CheckpointManager:
                 return None, f"{mon.metric!r} is {value} (nan_policy='skip')"
         return value, None
 
-    def _save(self, state: Any, step: int | None, epoch: int | None,
-              metrics: dict[str, Any] | None, score: float | None) -> CheckpointInfo:
-        clean = {k: _metric_value(k, v) for k, v in (metrics or {}).items()}
-        seq = max([e.seq for e in self._entries] + [-1]) + 1
-        if self._async is not None:
-            seq = max(seq, self._async.pending_seq + 1)
-        name = (format_name(self.filename, epoch=epoch, step=step, metrics=clean)
-                if self.filename else default_name(epoch=epoch, step=step, seq=seq))
+    def _run(self, decide: Callable[[], dict[str, Any] | None], state: Any) -> CheckpointInfo | None:
+        """Decide (on rank 0 when there are several), then write."""
+        if self._coord.world_size == 1:
+            plan = decide()
+            return None if plan is None else self._execute(plan, state)
+        plan = run_on_primary(self._coord, decide, lambda p: p, lambda p: p)
+        if plan is None:
+            return None
         skeleton, arrays = flatten(resolve_state(state))
-        now = self._clock()
-        fields = {"step": step, "epoch": epoch, "metrics": clean, "time": float(now),
-                  "managed": True, "seq": seq, "library": _library_version(), "metadata": None}
-        info = CheckpointInfo(name, self._store.url_of(name), step, epoch, clean, float(now), 0)
-        if self._async is not None:
-            staged = self._async.stage(arrays)
-            record = Record(name, seq, score, True)
-            self._async.submit(seq, record, lambda: self._write_and_commit(
-                name, skeleton, staged, fields, info, seq))
-            return info
-        return self._write_and_commit(name, skeleton, arrays, fields, info, seq)
+        if self._coord.rank != 0:
+            rows = collective.follower_save(self._coord, self._store, arrays, self._max_file_bytes)
+            self._entries = self._decode_entries(rows)
+            return next((e.info for e in self._entries if e.info.name == plan["name"]), None)
+        return collective.primary_save(
+            self._coord, lambda parts: self._write_and_commit(plan, skeleton, arrays, parts),
+            lambda: self._encode_entries(self._entries))
 
-    def _write_and_commit(self, name: str, skeleton: Any, arrays: Any, fields: dict[str, Any],
-                          info: CheckpointInfo, seq: int) -> CheckpointInfo:
+    def _execute(self, plan: dict[str, Any], state: Any) -> CheckpointInfo:
+        skeleton, arrays = flatten(resolve_state(state))
+        if self._async is None:
+            return self._write_and_commit(plan, skeleton, arrays)
+        staged = self._async.stage(arrays)
+        self._async.submit(plan["seq"], Record(plan["name"], plan["seq"], plan["score"], True),
+                           lambda: self._write_and_commit(plan, skeleton, staged))
+        return self._info(plan, 0)
+
+    def _info(self, plan: dict[str, Any], nbytes: int) -> CheckpointInfo:
+        return CheckpointInfo(plan["name"], self._store.url_of(plan["name"]), plan["step"],
+                              plan["epoch"], plan["metrics"], plan["time"], nbytes)
+
+    def _write_and_commit(self, plan: dict[str, Any], skeleton: Any, arrays: Any,
+                          participants: commit.Participants | None = None) -> CheckpointInfo:
+        name = plan["name"]
+        fields = {"step": plan["step"], "epoch": plan["epoch"], "metrics": plan["metrics"],
+                  "time": plan["time"], "managed": True, "seq": plan["seq"],
+                  "library": _library_version(), "metadata": None}
         try:
             nbytes = commit.write_checkpoint(self._store, name, skeleton, arrays, fields,
-                                             max_file_bytes=self._max_file_bytes)
+                                             max_file_bytes=self._max_file_bytes,
+                                             participants=participants)
         except CheckpointError as exc:
-            log.error("save of %s failed: %s", info.url, exc)
+            log.error("save of %s failed: %s", self._store.url_of(name), exc)
             raise
         except OSError as exc:
-            raise StorageError(f"save of {info.url} failed: {exc}") from exc
-        info = CheckpointInfo(info.name, info.url, info.step, info.epoch, info.metrics, info.time, nbytes)
-        self._entries = [e for e in self._entries if e.info.name != name] + [Entry(info, seq, True)]
+            raise StorageError(f"save of {self._store.url_of(name)} failed: {exc}") from exc
+        info = self._info(plan, nbytes)
+        self._entries = [e for e in self._entries if e.info.name != name] + [Entry(info, plan["seq"], True)]
         log.info("saved %s (%d bytes)", info.url, nbytes)
         self._apply_retention()
         self._write_index_quietly()
@@ -289,37 +298,40 @@ class CheckpointManager:
 
     # -- restore ----------------------------------------------------------------------
 
-    def restore(self, which: str | int = "latest", *, verify: bool = True,
-                fallback: bool = True) -> Checkpoint:
+    def restore(self, which: str | int = "latest", *, verify: bool = True, fallback: bool = True,
+                template: Any = None) -> Checkpoint:
         """Load a checkpoint: ``"latest"``, ``"best"``, a name, or a step number.
 
         ``"latest"``/``"best"`` fall back to the next newest/best that verifies (with a
-        warning naming the broken one) unless ``fallback=False``.
+        warning naming the broken one) unless ``fallback=False``. ``template`` is a tree
+        whose :class:`~checkpointer.sharding.ShardSpec` (or ``ShardedArray``) leaves name
+        the pieces this process wants of sharded arrays; only those bytes are read. With
+        several processes every rank loads its part and all agree on the outcome.
 
         Raises:
             CheckpointNotFoundError: nothing matches (or nothing verifies).
             CorruptCheckpointError: the requested checkpoint fails verification.
         """
         self.wait()
-        return run_on_primary(self._coord, lambda: self._restore_local(which, verify, fallback),
-                              lambda ckpt: ckpt.info.name,
-                              lambda name: self._restore_local(name, verify, False))
-
-    def _restore_local(self, which: str | int, verify: bool, fallback: bool) -> Checkpoint:
+        specs = specs_from_template(template) if template is not None else None
         candidates, can_fall_back = self._candidates(which)
         for entry in candidates:
+            error: BaseException | None = None
             try:
-                tree, _ = commit.load_checkpoint(self._store, entry.info.name, verify=verify)
+                tree, _ = commit.load_checkpoint(self._store, entry.info.name, verify=verify, specs=specs)
             except (CheckpointError, OSError) as exc:
-                if not (fallback and can_fall_back):
-                    raise
-                msg = f"checkpoint {entry.info.url} is broken ({exc}); falling back"
-                log.warning(msg)
-                warnings.warn(msg, CheckpointWarning, stacklevel=2)
-                continue
-            self._protected.add(entry.info.name)
-            log.info("restored %s", entry.info.url)
-            return Checkpoint(entry.info, tree)
+                error = exc
+            if self._coord.world_size > 1:
+                error = collective.agree(self._coord, error)
+            if error is None:
+                self._protected.add(entry.info.name)
+                log.info("restored %s", entry.info.url)
+                return Checkpoint(entry.info, tree)
+            if not (fallback and can_fall_back):
+                raise error
+            msg = f"checkpoint {entry.info.url} is broken ({error}); falling back"
+            log.warning(msg)
+            warnings.warn(msg, CheckpointWarning, stacklevel=2)
         raise CheckpointNotFoundError(f"no checkpoint in {self._store.url} matches {which!r}"
                                       + (" and verifies" if candidates else ""))
 

@@ -5,7 +5,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from checkpointer import CheckpointManager
