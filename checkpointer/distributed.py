@@ -95,10 +95,16 @@ def run_on_primary(coord: Coordinator, fn: Callable[[], _T], encode: Callable[[_
 
 def detect_coordinator() -> Coordinator:
     """The coordinator of the running job: torch.distributed when it is initialized with
-    more than one process, else a single process. Never imports a framework itself."""
+    more than one process, JAX when ``jax.distributed`` runs several processes, else a
+    single process. Never imports a framework itself."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         module = importlib.import_module("checkpointer.adapters.torch_distributed")
         coord: Coordinator = module.TorchCoordinator()
+        return coord
+    jax_state = getattr(sys.modules.get("jax._src.distributed"), "global_state", None)
+    if getattr(jax_state, "client", None) is not None and sys.modules["jax"].process_count() > 1:
+        module = importlib.import_module("checkpointer.adapters.jax_distributed")
+        coord = module.JaxCoordinator()
         return coord
     return SingleProcess()
