@@ -85,10 +85,11 @@ class TorchCoordinator:
         buf = torch.zeros(width, dtype=torch.uint8, device=self._device)
         if data:
             buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        bufs = [torch.empty_like(buf) for _ in range(self.world_size)]
-        dist.all_gather(bufs, buf, group=self.group)
-        if self.rank != 0:
+        if self.rank != 0:  # a gather, not an all-gather: only rank 0 receives the records
+            dist.gather(buf, None, dst=self._src, group=self.group)
             return None
+        bufs = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.gather(buf, bufs, dst=self._src, group=self.group)
         return [bytes(b[:n].cpu().numpy().tobytes()) for b, n in zip(bufs, lengths, strict=True)]
 
 
