@@ -20,7 +20,8 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,8 +32,17 @@ from .errors import (
     ChecksumMismatchError,
     DuplicateKeyError,
     ManifestError,
+    StorageError,
     TrailingDataError,
     TruncatedFileError,
+)
+from .sharding import (
+    ShardSpec,
+    merge_shards,
+    pieces_needed,
+    resolve_pieces,
+    split_pieces,
+    validate_shards,
 )
 from .storage import Store
 
@@ -45,7 +55,8 @@ OLD_PREFIX = ".ckpt-old-"
 DEFAULT_MAX_FILE_BYTES = 4 << 30
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
 _OWNER_RE = re.compile(r"(?P<host>[A-Za-z0-9]+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-f]+)")
-_DATA_RE = re.compile(r"^data-(?:(?P<owner>[A-Za-z0-9]+\.\d+\.[0-9a-f]+)-)?\d{5}\.safetensors$")
+_DATA_RE = re.compile(
+    r"^data-(?:(?P<owner>[A-Za-z0-9]+\.\d+\.[0-9a-f]+)-)?(?:r\d{5}-)?\d{5}\.safetensors$")
 _active: set[str] = set()
 _active_lock = threading.Lock()
 
@@ -111,55 +122,101 @@ def _plan(arrays: Sequence[tuple[str, np.ndarray]], max_file_bytes: int) -> list
 
 
 def write_checkpoint(
-    store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, np.ndarray]],
+    store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, Any]],
     fields: dict[str, Any], *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    participants: Participants | None = None,
 ) -> int:
     """Write and commit checkpoint ``name``; returns its size in bytes.
 
     ``fields`` are the manifest's own entries (step, epoch, metrics, time, metadata, ...).
-    On any error nothing becomes visible under ``name`` and an earlier checkpoint of that
-    name is left intact; the error propagates.
+    ``arrays`` may hold :class:`~checkpointer.sharding.ShardedArray` values; with
+    ``participants`` (other ranks writing their pieces into the same checkpoint) the
+    manifest is written only after every rank's files are durable. On any error nothing
+    becomes visible under ``name`` and an earlier checkpoint of that name is left intact.
     """
     owner = new_owner()
+    plain, pieces, meta = split_pieces(arrays, primary=True)
+    work = _Work(skeleton, plain + pieces, meta, fields, max_file_bytes, participants)
     try:
         if store.atomic_rename:
-            return _write_renaming(store, name, skeleton, arrays, fields, owner, max_file_bytes)
-        return _write_object_store(store, name, skeleton, arrays, fields, owner, max_file_bytes)
+            return _write_renaming(store, name, work, owner)
+        return _write_object_store(store, name, work, owner)
     finally:
         _release(owner)
 
 
-def _write_files(store: Store, folder: str, prefix: str, skeleton: Any,
-                 arrays: Sequence[tuple[str, np.ndarray]], fields: dict[str, Any],
-                 max_file_bytes: int) -> tuple[int, list[str]]:
+class Participants(Protocol):
+    """Other ranks taking part in one save (see :mod:`checkpointer.collective`).
+
+    Call order: ``staged`` once the staging folder exists (before this rank writes),
+    ``collect`` after this rank's files are durable and before the manifest is written.
+    """
+
+    def staged(self, folder: str, prefix: str) -> None: ...
+
+    def collect(self, files: list[fmt.FileRecord], tensors: list[fmt.TensorRecord],
+                shards: list[list[Any]]) -> tuple[list[fmt.FileRecord], list[fmt.TensorRecord], list[list[Any]]]: ...
+
+
+@dataclass(frozen=True)
+class _Work:
+    skeleton: Any
+    arrays: list[tuple[str, np.ndarray]]
+    shards: list[list[Any]]
+    fields: dict[str, Any]
+    max_file_bytes: int
+    participants: Participants | None
+
+
+def write_rank_files(store: Store, folder: str, prefix: str, arrays: Sequence[tuple[str, np.ndarray]],
+                     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+                     ) -> tuple[list[fmt.FileRecord], list[fmt.TensorRecord]]:
+    """Write (and make durable) one rank's data files into a staging ``folder``."""
     files, tensors = [], []
     for i, group in enumerate(_plan(arrays, max_file_bytes)):
+        if not group and i > 0:
+            continue
         fname = f"{prefix}{i:05d}.safetensors"
         with store.writer(f"{folder}/{fname}") as w:
             frec, trecs = fmt.write_safetensors(w, fname, group)
         files.append(frec)
         tensors += trecs
+    return files, tensors
+
+
+def _write_files(store: Store, folder: str, prefix: str, work: _Work) -> tuple[int, list[str]]:
+    if work.participants is not None:
+        work.participants.staged(folder, prefix)
+    files, tensors = write_rank_files(store, folder, prefix, work.arrays, work.max_file_bytes)
+    shards = work.shards
+    if work.participants is not None:
+        files, tensors, shards = work.participants.collect(files, tensors, shards)
+    extra = {"shards": merge_shards(shards, store.url_of(folder))} if shards else {}
     manifest = {
-        "format": "checkpointer", "version": fmt.FORMAT_VERSION, **fields, "tree": skeleton,
+        "format": "checkpointer", "version": fmt.FORMAT_VERSION, **work.fields, **extra, "tree": work.skeleton,
         "files": [[f.name, f.nbytes, f.crc32c] for f in files],
         "tensors": [[t.key, t.file, t.dtype, list(t.shape), t.begin, t.end, t.crc32c] for t in tensors],
     }
     blob = fmt.encode_framed(MANIFEST_MAGIC, manifest)
-    with store.writer(f"{folder}/{fmt.MANIFEST_NAME}") as w:
-        w.write(blob)
+    # One put: on object stores the manifest object is the commit point and must appear
+    # whole or not at all (a streamed write may show a partial or empty object midway).
+    store.put_bytes(f"{folder}/{fmt.MANIFEST_NAME}", blob)
     return sum(f.nbytes for f in files) + len(blob), [f.name for f in files]
 
 
-def _write_renaming(store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, np.ndarray]],
-                    fields: dict[str, Any], owner: str, max_file_bytes: int) -> int:
+def _write_renaming(store: Store, name: str, work: _Work, owner: str) -> int:
     tmp = f"{TMP_PREFIX}{name}-{owner}"
     old, placed = None, False
+    if store.exists(name) and not store.exists(f"{name}/{fmt.MANIFEST_NAME}"):
+        # Not a checkpoint (a user's file or folder): replacing it would delete what we did not write.
+        raise StorageError(f"{store.url_of(name)} exists and is not a checkpoint; refusing to replace it")
     store.makedirs("")
     store.makedirs(tmp)
     try:
-        nbytes, _ = _write_files(store, tmp, "data-", skeleton, arrays, fields, max_file_bytes)
+        nbytes, _ = _write_files(store, tmp, "data-", work)
         store.fsync_dir(tmp)
         if store.exists(name):
+            _forget_index(store)
             old = f"{OLD_PREFIX}{name}-{owner}"
             store.rename(name, old)
         store.rename(tmp, name)
@@ -183,12 +240,27 @@ def _write_renaming(store: Store, name: str, skeleton: Any, arrays: Sequence[tup
     return nbytes
 
 
-def _write_object_store(store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, np.ndarray]],
-                        fields: dict[str, Any], owner: str, max_file_bytes: int) -> int:
-    before = {p.split("/", 1)[1] for p in store.list_files() if p.startswith(name + "/") and "/" in p.rstrip("/")}
+def _forget_index(store: Store) -> None:
+    """Delete the index before replacing a checkpoint: its row for that name is about to go
+    stale, and a crash (or a failed index write) after the swap must not leave it believed.
+    The next manager rebuilds it from the manifests."""
+    from .index import INDEX_NAME  # index imports this module
+
+    with contextlib.suppress(CheckpointNotFoundError):
+        store.remove_file(INDEX_NAME)
+
+
+def _write_object_store(store: Store, name: str, work: _Work, owner: str) -> int:
+    listing = store.list_files()
+    before = {p.split("/", 1)[1] for p in listing if p.startswith(name + "/") and "/" in p.rstrip("/")}
     written: list[str] = []
+    foreign = any(not _DATA_RE.match(b) for b in before) or name in listing  # a file of that name
+    if fmt.MANIFEST_NAME not in before and foreign:
+        raise StorageError(f"{store.url_of(name)} exists and is not a checkpoint: not writing into it")
+    if fmt.MANIFEST_NAME in before:
+        _forget_index(store)
     try:
-        nbytes, written = _write_files(store, name, f"data-{owner}-", skeleton, arrays, fields, max_file_bytes)
+        nbytes, written = _write_files(store, name, f"data-{owner}-", work)
     except BaseException:
         with contextlib.suppress(Exception):
             for f in store.list_files():
@@ -238,20 +310,31 @@ def read_manifest(store: Store, name: str) -> dict[str, Any]:
         if t[0] in keys:
             raise DuplicateKeyError(f"{where}: tensor {t[0]!r:.80} listed twice")
         keys.add(t[0])
+    if "shards" in m:
+        validate_shards(m, where)
     return m
 
 
-def load_checkpoint(store: Store, name: str, *, verify: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Read checkpoint ``name``: ``(tree, manifest)``. Verifies every checksum unless told not to."""
+def load_checkpoint(store: Store, name: str, *, verify: bool = True,
+                    specs: dict[str, ShardSpec] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Read checkpoint ``name``: ``(tree, manifest)``. Verifies every checksum unless told not to.
+
+    Sharded arrays come back whole, except those whose tree key is in ``specs``: those come
+    back as :class:`~checkpointer.sharding.ShardedArray` holding just the requested boxes,
+    and only the stored pieces overlapping them are read.
+    """
     from .tree import unflatten
 
     manifest = read_manifest(store, name)
+    wanted = pieces_needed(manifest, specs or {})
     by_file: dict[str, dict[str, list[Any]]] = {f[0]: {} for f in manifest["files"]}
     for t in manifest["tensors"]:
         by_file[t[1]][t[0]] = t
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}
     for fname, nbytes, crc in manifest["files"]:
-        arrays.update(_load_file(store, f"{name}/{fname}", nbytes, crc, by_file[fname], verify))
+        if wanted is None or wanted & by_file[fname].keys():
+            arrays.update(_load_file(store, f"{name}/{fname}", nbytes, crc, by_file[fname], verify, wanted))
+    arrays = resolve_pieces(manifest, arrays, specs or {})
     try:
         return unflatten(manifest["tree"], arrays), manifest
     except ManifestError as exc:
@@ -259,7 +342,7 @@ def load_checkpoint(store: Store, name: str, *, verify: bool = True) -> tuple[An
 
 
 def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str, list[Any]],
-               verify: bool) -> dict[str, np.ndarray]:
+               verify: bool, wanted: set[str] | None = None) -> dict[str, np.ndarray]:
     where = store.url_of(rel)
     try:
         size = store.size(rel)
@@ -276,6 +359,9 @@ def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str
         if got != want:
             raise ManifestError(f"{where}: tensors in the file disagree with the manifest")
         crcs = {k: t[6] for k, t in expected.items()} if verify else None
+        if wanted is not None and not expected.keys() <= wanted:
+            entries = [e for e in entries if e.key in wanted]
+            return fmt.read_tensors(f, entries, crcs, where, head_crc)[0]
         arrays, file_crc = fmt.read_tensors(f, entries, crcs, where, head_crc)
     if verify and file_crc != crc:
         raise ChecksumMismatchError(f"{where}: file checksum does not match")
@@ -317,6 +403,19 @@ def cleanup(store: Store, listing: Sequence[str] | None = None) -> list[str]:
                 removed.append(entry)
     if not store.atomic_rename:
         removed += _cleanup_objects(store, files)
+        with contextlib.suppress(CheckpointError):  # e.g. not permitted: not worth failing for
+            removed += _abort_uploads(store)
+    return removed
+
+
+def _abort_uploads(store: Store) -> list[str]:
+    """Abort unfinished multipart uploads of data objects whose writer is dead."""
+    removed = []
+    for rel, upload_id in store.unfinished_uploads():
+        m = _DATA_RE.match(rel.rpartition("/")[2])
+        if m and m["owner"] and owner_is_dead(m["owner"]):
+            store.abort_upload(rel, upload_id)
+            removed.append(f"{rel} (unfinished upload)")
     return removed
 
 

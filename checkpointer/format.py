@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
@@ -97,6 +100,18 @@ def check_file_name(name: Any, where: str) -> str:
     return name
 
 
+_CODES: dict[np.dtype, str | None] = {}
+
+
+def _code(dtype: np.dtype) -> str | None:
+    """``numpy_to_safetensors`` memoized (``dtype.name`` costs microseconds per call)."""
+    try:
+        return _CODES[dtype]
+    except KeyError:
+        code = _CODES[dtype] = numpy_to_safetensors(dtype)
+        return code
+
+
 def _le_contiguous(arr: np.ndarray) -> np.ndarray:
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
@@ -123,7 +138,7 @@ def write_safetensors(
     layout = []
     for i in order:
         key, arr = entries[i]
-        code = numpy_to_safetensors(arr.dtype)
+        code = _code(arr.dtype)
         if code is None:
             raise UnsupportedDtypeError(f"{key!r}: dtype {arr.dtype} is not supported")
         header[key] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
@@ -133,13 +148,20 @@ def write_safetensors(
     blob += b" " * (-(len(blob) + 8) % 8)
     head = struct.pack("<Q", len(blob)) + blob
     sink.write(head)
-    tensors = []
     base = len(head)
+    done: list[tuple[str, np.ndarray, str, int, int | memoryview]] = []
     for key, arr, code, off in layout:
-        view = _raw(_le_contiguous(arr))
+        flat = _le_contiguous(arr)
+        view = _raw(flat)
         sink.write(view)
-        tensors.append(TensorRecord(key, file_name, code, tuple(arr.shape), base + off,
-                                    base + off + arr.nbytes, crc32c(view)))
+        # a temporary copy is checksummed now; the caller's own memory later, while the
+        # sink's fsync (started below, where the sink can) waits on the disk
+        done.append((key, arr, code, off, view if flat is arr and len(view) >= _SMALL else crc32c(view)))
+    start_sync = getattr(sink, "start_sync", None)
+    if start_sync is not None:
+        start_sync()
+    tensors = [TensorRecord(key, file_name, code, tuple(arr.shape), base + off, base + off + arr.nbytes,
+                            c if isinstance(c, int) else crc32c(c)) for key, arr, code, off, c in done]
     crcs = struct.pack(f"<{len(tensors)}I", *(t.crc32c for t in tensors))
     return FileRecord(file_name, base + offset, crc32c(crcs, crc32c(head))), tensors
 
@@ -192,7 +214,7 @@ def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEnt
     raw = _read_exact(f, n, where)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs_no_dupes(where))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, int digit limit
         raise HeaderError(f"{where}: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise HeaderError(f"{where}: header is not a JSON object")
@@ -245,23 +267,55 @@ def read_tensors(
     (only computed when ``expected_crc`` is given).
     """
     out: dict[str, np.ndarray] = {}
+    crcs: list[tuple[str, int | Future[int]]] = []
     for e in entries:
         arr = np.empty(e.shape, dtype=e.dtype)
         view = _raw(arr) if arr.size else memoryview(b"")
         f.seek(e.begin)
+        # a big tensor is checksummed chunk by chunk on a helper thread while the next
+        # chunk is read (both release the GIL), so verification hides behind the reads
+        piped = expected_crc is not None and len(view) >= _PIPELINE
+        step = _PIPE_CHUNK if piped else _READ_CHUNK
+        chain: Future[int] | None = None
         got = 0
         while got < len(view):
-            n = f.readinto(view[got:got + _READ_CHUNK])  # type: ignore[attr-defined]
+            n = f.readinto(view[got:got + step])  # type: ignore[attr-defined]
             if not n:
                 raise TruncatedFileError(f"{where}: tensor {e.key!r:.80} is cut short")
+            if piped:
+                chain = _crc_pool().submit(_crc_after, chain, view[got:got + n])
             got += n
         if expected_crc is not None:
-            t_crc = crc32c(view)
-            if t_crc != expected_crc[e.key]:
-                raise ChecksumMismatchError(f"{where}: tensor {e.key!r:.80} fails its crc32c checksum")
-            file_crc = crc32c(t_crc.to_bytes(4, "little"), file_crc)
+            crcs.append((e.key, chain if chain is not None else crc32c(view)))
         out[e.key] = arr
+    for key, c in crcs:
+        t_crc = c if isinstance(c, int) else c.result()
+        if t_crc != expected_crc[key]:  # type: ignore[index]
+            raise ChecksumMismatchError(f"{where}: tensor {key!r:.80} fails its crc32c checksum")
+        file_crc = crc32c(t_crc.to_bytes(4, "little"), file_crc)
     return out, file_crc
+
+
+_PIPELINE = 16 << 20
+_PIPE_CHUNK = 8 << 20
+_pool: list[ThreadPoolExecutor] = []
+_pool_lock = threading.Lock()
+
+
+def _crc_pool() -> ThreadPoolExecutor:
+    """One shared helper thread; its FIFO order keeps each chunk chain sequential."""
+    with _pool_lock:
+        if not _pool:
+            _pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpointer-crc"))
+        return _pool[0]
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has no helper thread: start a new one
+    os.register_at_fork(after_in_child=_pool.clear)
+
+
+def _crc_after(prev: Future[int] | None, chunk: memoryview) -> int:
+    return crc32c(chunk, 0 if prev is None else prev.result())
 
 
 def encode_framed(magic: bytes, obj: Any) -> bytes:

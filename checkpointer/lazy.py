@@ -28,6 +28,7 @@ from . import commit
 from . import format as fmt
 from .dtypes import safetensors_to_numpy
 from .errors import (
+    CheckpointError,
     InvalidOffsetsError,
     ManifestError,
     TrailingDataError,
@@ -123,20 +124,14 @@ class CheckpointReader:
     def state(self, lazy: bool = False, *, verify: bool = True) -> Any:
         """The whole state tree: eager (every file read and verified, as ``load``), or with
         :class:`LazyTensor` leaves when ``lazy``."""
-        if lazy:
-            leaves = {k: self.info(k) for k in self._tensors}
-            return unflatten(self.manifest["tree"], cast(dict[str, np.ndarray], leaves))
-        by_file: dict[str, dict[str, list[Any]]] = {f: {} for f in self._files}
-        for t in self._tensors.values():
-            by_file[t[1]][t[0]] = t
-        arrays: dict[str, np.ndarray] = {}
-        for fname, (nbytes, crc) in self._files.items():
-            arrays.update(
-                commit._load_file(
-                    self._store, f"{self.name}/{fname}", nbytes, crc, by_file[fname], verify
-                )
+        if not lazy:
+            return commit.load_checkpoint(self._store, self.name, verify=verify)[0]
+        if "shards" in self.manifest:
+            raise CheckpointError(
+                f"{self.url}: a sharded checkpoint has no lazy state; use state()"
             )
-        return unflatten(self.manifest["tree"], arrays)
+        leaves = {k: self.info(k) for k in self._tensors}
+        return unflatten(self.manifest["tree"], cast(dict[str, np.ndarray], leaves))
 
     def _entry(self, key: str) -> fmt.HeaderEntry:
         t = self._tensors[key]

@@ -395,7 +395,13 @@ class CheckpointManager:
         self.close()
 
 
-def _metric_value(name: str, value: Any) -> Any:
+def _metric_value(name: Any, value: Any) -> Any:
+    if not isinstance(name, str) or not name:
+        raise MetricError(f"metric names must be non-empty str, got {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MetricError(f"metric name {name!r} is not valid unicode") from None
     return value if isinstance(value, str) else to_float(name, value)
 
 

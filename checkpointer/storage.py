@@ -13,13 +13,20 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import stat
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
+from .errors import (
+    CheckpointNotFoundError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    StorageError,
+)
 from .format import MANIFEST_NAME
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "open_store", "split_url"]
@@ -33,10 +40,24 @@ def _guard(what: str, fn: Callable[[], _T]) -> _T:
         return fn()
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{what}: not found ({exc})") from exc
-    except StorageError:
+    except (StorageError, CorruptCheckpointError):
         raise
     except Exception as exc:  # backends raise anything: map all of it into our tree
         raise StorageError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """Open ``path`` for reading; anything but a regular file is refused (a FIFO would block,
+    a device like /dev/zero would never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptCheckpointError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class _LocalWriter:
@@ -46,6 +67,8 @@ class _LocalWriter:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.buf = bytearray()
+        self._sync: threading.Thread | None = None
+        self._sync_errors: list[BaseException] = []
 
     def write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
@@ -68,15 +91,39 @@ class _LocalWriter:
             self._write_all(memoryview(self.buf))
             self.buf = bytearray()
 
+    def start_sync(self) -> None:
+        """Flush and start ``fsync`` on a helper thread, so the caller's CPU work (checksums)
+        overlaps the disk wait; :meth:`close` joins it, raises its error, and syncs again
+        (cheap: only what was written since)."""
+        self._flush()
+        self._sync = threading.Thread(target=self._fsync_to, args=(self._sync_errors,),
+                                      name="checkpointer-fsync", daemon=True)
+        self._sync.start()
+
+    def _fsync_to(self, errors: list[BaseException]) -> None:
+        try:
+            os.fsync(self.fd)
+        except BaseException as exc:  # handed to close() in the caller's thread
+            errors.append(exc)
+
+    def _join_sync(self) -> None:
+        if self._sync is not None:
+            self._sync.join()
+            self._sync = None
+
     def close(self, durable: bool = True) -> None:
         try:
             self._flush()
+            self._join_sync()
+            if self._sync_errors:
+                raise self._sync_errors[0]
             if durable:
                 os.fsync(self.fd)
         finally:
             os.close(self.fd)
 
     def abort(self) -> None:
+        self._join_sync()
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
@@ -107,6 +154,10 @@ class Store:
     def remove_file(self, rel: str) -> None: raise NotImplementedError
     def remove_tree(self, rel: str) -> None: raise NotImplementedError
     def fsync_dir(self, rel: str) -> None: """Make a folder's entries durable (no-op remotely)."""
+    def unfinished_uploads(self) -> list[tuple[str, str]]:
+        """``(rel, upload_id)`` of multipart uploads left unfinished under the root."""
+        return []
+    def abort_upload(self, rel: str, upload_id: str) -> None: raise NotImplementedError
 
 
 class LocalStore(Store):
@@ -141,12 +192,12 @@ class LocalStore(Store):
 
     def read_bytes(self, rel: str) -> bytes:
         def read() -> bytes:
-            with open(self.path(rel), "rb") as f:
+            with _open_regular(self.path(rel)) as f:
                 return f.read()
         return _guard(f"reading {self.path(rel)}", read)
 
     def open_read(self, rel: str) -> BinaryIO:
-        return _guard(f"opening {self.path(rel)}", lambda: open(self.path(rel), "rb"))
+        return _guard(f"opening {self.path(rel)}", lambda: _open_regular(self.path(rel)))
 
     @contextlib.contextmanager
     def writer(self, rel: str) -> Iterator[_LocalWriter]:
@@ -200,7 +251,8 @@ class FsspecStore(Store):
         self.fs = fs
         self.root = root.rstrip("/")
         self.url = url
-        self.atomic_rename = bool(getattr(fs, "checkpointer_atomic_rename", False))
+        # Local files are not atomic objects (open("wb") truncates in place): rename there.
+        self.atomic_rename = bool(getattr(fs, "checkpointer_atomic_rename", isinstance(fs, LocalFileSystem)))
 
     def list_files(self) -> list[str]:
         def walk() -> list[str]:
@@ -271,6 +323,33 @@ class FsspecStore(Store):
             elif self.exists(f"{rel}/{MANIFEST_NAME}"):
                 self.remove_file(f"{rel}/{MANIFEST_NAME}")
             _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm(self.path(rel), recursive=True))
+
+
+    def _bucket_key(self, rel: str = "") -> tuple[str, str]:
+        bucket, _, prefix = self.root.partition("/")
+        return bucket, posixpath.join(prefix, rel) if rel else (prefix + "/" if prefix else "")
+
+    def unfinished_uploads(self) -> list[tuple[str, str]]:
+        """Unfinished S3 multipart uploads under the root (s3fs only; ``[]`` elsewhere)."""
+        if not callable(getattr(self.fs, "call_s3", None)):
+            return []
+        bucket, prefix = self._bucket_key()
+
+        def scan() -> list[tuple[str, str]]:
+            out: list[tuple[str, str]] = []
+            kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+            while True:
+                page = self.fs.call_s3("list_multipart_uploads", **kw)
+                out += [(u["Key"][len(prefix):], u["UploadId"]) for u in page.get("Uploads", [])]
+                if not page.get("IsTruncated"):
+                    return out
+                kw.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+        return _guard(f"listing unfinished uploads under {self.url}", scan)
+
+    def abort_upload(self, rel: str, upload_id: str) -> None:
+        bucket, key = self._bucket_key(rel)
+        _guard(f"aborting the upload of {self.url_of(rel)}", lambda: self.fs.call_s3(
+            "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id))
 
 
 class _GuardedWriter:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .dtypes import numpy_to_safetensors, safetensors_to_numpy
 from .errors import ManifestError, StateTreeError
+from .sharding import ShardedArray
 
 __all__ = ["flatten", "unflatten", "path_key", "MAX_DEPTH", "resolve_state"]
 
@@ -27,7 +28,9 @@ _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
 def path_key(parts: list[str | int]) -> str:
     """The tensor key of the leaf at ``parts``."""
-    return "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+    key = "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+    # safetensors reserves "__metadata__"; a bare "~" never comes out of the escaping above.
+    return "~" + key if key == "__metadata__" else key
 
 
 def _where(parts: list[str | int]) -> str:
@@ -71,7 +74,7 @@ def flatten(tree: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
                         f"{_where(parts)}: dict key {k!r} is {type(k).__name__}; "
                         "state trees take str keys only"
                     )
-                items.append([k, visit(v, [*parts, k])])
+                items.append([_utf8(k, parts, "dict key"), visit(v, [*parts, k])])
             return ["d", items]
         tag = "t" if isinstance(node, tuple) else "l"
         if isinstance(node, tuple) and type(node) is not tuple:
@@ -85,6 +88,15 @@ def flatten(tree: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
     return skeleton, arrays
 
 
+def _utf8(text: str, parts: list[str | int], what: str) -> str:
+    """``text`` unchanged, or a StateTreeError when it cannot be stored (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise StateTreeError(f"{_where(parts)}: {what} {text!r:.60} is not valid UTF-8 ({exc.reason})") from None
+    return text
+
+
 def _leaf(node: Any, parts: list[str | int], arrays: list[tuple[str, np.ndarray]]) -> Any:
     if node is None:
         return ["n"]
@@ -92,10 +104,10 @@ def _leaf(node: Any, parts: list[str | int], arrays: list[tuple[str, np.ndarray]
         return ["b", node]
     if isinstance(node, int):
         return ["i", int(node)] if _INT_MIN <= node <= _UINT_MAX else ["I", str(int(node))]
-    if isinstance(node, float):
+    if isinstance(node, float) and not isinstance(node, np.generic):  # np.float64 is a float
         return ["f", float(node)]
     if isinstance(node, str):
-        return ["s", node]
+        return ["s", _utf8(node, parts, "string")]
     if isinstance(node, (bytes, bytearray, memoryview)):
         return ["y", bytes(node)]
     if isinstance(node, np.generic):
@@ -103,6 +115,10 @@ def _leaf(node: Any, parts: list[str | int], arrays: list[tuple[str, np.ndarray]
         if code is None:
             raise StateTreeError(f"{_where(parts)}: numpy scalar of dtype {node.dtype} is not supported")
         return ["g", code, np.asarray(node).astype(node.dtype.newbyteorder("<")).tobytes()]
+    if isinstance(node, ShardedArray):
+        key = path_key(parts)
+        arrays.append((key, node))  # type: ignore[arg-type]
+        return ["a", key]
     if isinstance(node, np.ndarray) and not isinstance(node, np.ma.MaskedArray):
         if numpy_to_safetensors(node.dtype) is None:
             raise StateTreeError(

@@ -1,0 +1,246 @@
+"""Convert torch state dicts to plain state trees and back, reversibly, without pickle.
+
+Shared by :mod:`checkpointer.adapters.torch` and :mod:`checkpointer.adapters.lightning`.
+
+A torch state dict is almost a state tree already. Three things are not, and each gets a
+reversible encoding:
+
+- tensors become numpy arrays (views, no copy, where memory allows); bfloat16 and float8
+  travel bit-for-bit through an integer view, never through float32;
+- dict keys that are ints (an optimizer's per-parameter ``state``) become str keys, and the
+  dict records which ones were ints under the reserved key ``"__torch__"``;
+- a tensor that shares its memory with an earlier one (tied weights) is stored once: its
+  place holds ``None`` and the root's ``"__torch__"`` entry records ``[alias_path,
+  target_path]`` so that decoding puts the same tensor in both places.
+
+A ``"__torch__"`` entry appears only where needed, so a plain model encodes to exactly
+``{name: array}``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from checkpointer.errors import StateTreeError
+
+__all__ = ["META", "encode", "decode", "tensor_to_array", "array_to_tensor", "where"]
+
+META = "__torch__"
+
+# torch dtypes numpy lacks: (same-size integer torch dtype, numpy dtype to view it as).
+_VIA_INT: dict[torch.dtype, tuple[torch.dtype, np.dtype]] = {
+    torch.bfloat16: (torch.int16, np.dtype(ml_dtypes.bfloat16)),
+    torch.float8_e4m3fn: (torch.uint8, np.dtype(ml_dtypes.float8_e4m3fn)),
+    torch.float8_e5m2: (torch.uint8, np.dtype(ml_dtypes.float8_e5m2)),
+}
+for _tname, _nname in (
+    ("float8_e4m3fnuz", "float8_e4m3fnuz"),
+    ("float8_e5m2fnuz", "float8_e5m2fnuz"),
+):
+    if hasattr(torch, _tname) and hasattr(ml_dtypes, _nname):
+        _VIA_INT[getattr(torch, _tname)] = (torch.uint8, np.dtype(getattr(ml_dtypes, _nname)))
+_FROM_NUMPY: dict[np.dtype, tuple[np.dtype, torch.dtype]] = {
+    ndt: (np.dtype(np.int16 if idt == torch.int16 else np.uint8), tdt)
+    for tdt, (idt, ndt) in _VIA_INT.items()
+}
+
+_PLAIN = (type(None), bool, int, float, str, bytes, np.generic)
+
+
+def where(path: tuple[Any, ...] | list[Any]) -> str:
+    """A readable location such as ``state['state'][0]['exp_avg']``."""
+    return "state" + "".join(f"[{p!r}]" for p in path)
+
+
+def tensor_to_array(tensor: torch.Tensor, path: tuple[Any, ...] = ()) -> np.ndarray:
+    """A numpy view of ``tensor`` (a copy only when it lives off the CPU or has a conj/neg bit).
+
+    Raises:
+        StateTreeError: sparse, quantized or meta tensors, and dtypes numpy cannot hold.
+    """
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta:
+        raise StateTreeError(
+            f"{where(path)}: a {tensor.layout} {tensor.dtype} tensor on {tensor.device} cannot be "
+            "stored; convert it to a dense, non-quantized tensor first"
+        )
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg()
+    via = _VIA_INT.get(t.dtype)
+    try:
+        if via is not None:
+            return t.view(via[0]).numpy().view(via[1])
+        return t.numpy()
+    except (TypeError, RuntimeError) as exc:
+        raise StateTreeError(
+            f"{where(path)}: tensor of dtype {t.dtype} cannot be stored: {exc}"
+        ) from exc
+
+
+def array_to_tensor(array: np.ndarray, *, copy: bool) -> torch.Tensor:
+    """A CPU tensor over ``array`` (shared memory unless ``copy``); bfloat16/float8 bit-exact."""
+    via = _FROM_NUMPY.get(array.dtype)
+    if via is not None:
+        array = array.view(via[0])
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if copy:
+        array = np.array(array, copy=True, order="K")
+    with warnings.catch_warnings():
+        # A read-only array (a memory-mapped checkpoint) is fine when the tensor is only read.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(array)
+    return tensor.view(via[1]) if via is not None else tensor
+
+
+class _Encoder:
+    """One root's encoding: tracks tensor memory seen so far to detect aliases."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[Any, ...], list[Any]] = {}
+        self.aliases: list[list[list[Any]]] = []
+
+    def visit(self, node: Any, path: tuple[Any, ...]) -> Any:
+        # ``path`` holds the original keys (ints stay ints): alias records use it.
+        if isinstance(node, torch.Tensor):
+            return self._tensor(node, path)
+        if isinstance(node, np.ndarray):
+            return node
+        if isinstance(node, _PLAIN):
+            return node
+        if isinstance(node, Mapping):
+            return self._mapping(node, path)
+        if isinstance(node, (list, tuple)):
+            items = [self.visit(v, (*path, i)) for i, v in enumerate(node)]
+            return items if isinstance(node, list) else tuple(items)
+        raise StateTreeError(
+            f"{where(path)}: {type(node).__module__}.{type(node).__qualname__} is not a state "
+            "leaf (tensors, numpy arrays, int, float, bool, str, bytes, None, dict, list, "
+            "tuple); nothing is ever pickled, so convert it to plain values or drop it"
+        )
+
+    def _tensor(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> np.ndarray | None:
+        if tensor.numel() > 0 and tensor.layout == torch.strided and not tensor.is_meta:
+            ident = (
+                tensor.device,
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tensor.dtype,
+                tuple(tensor.shape),
+                tuple(tensor.stride()),
+            )
+            target = self.seen.get(ident)
+            if target is not None:
+                self.aliases.append([list(path), target])
+                return None
+            self.seen[ident] = list(path)
+        return tensor_to_array(tensor, path)
+
+    def _mapping(self, node: Mapping[Any, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        int_keys: list[str] = []
+        for key, value in node.items():
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise StateTreeError(
+                    f"{where(path)}: dict key {key!r} of type {type(key).__name__} cannot be "
+                    "stored (str and int keys can)"
+                )
+            skey = str(key) if isinstance(key, int) else key
+            if skey == META or skey in out:
+                raise StateTreeError(
+                    f"{where(path)}: key {key!r} collides with "
+                    + ("the adapter's reserved key" if skey == META else f"the key {skey!r}")
+                )
+            if isinstance(key, int):
+                int_keys.append(skey)
+            out[skey] = self.visit(value, (*path, key))
+        meta: dict[str, Any] = {}
+        if int_keys:
+            meta["int_keys"] = int_keys
+        module_meta = getattr(node, "_metadata", None)
+        if isinstance(module_meta, Mapping) and module_meta:
+            meta["module_metadata"] = _Encoder().visit(dict(module_meta), (*path, "_metadata"))
+        if meta:
+            out[META] = meta
+        return out
+
+
+def encode(state: Any) -> Any:
+    """Encode one torch state dict (or any nest of tensors and plain values) as a state tree.
+
+    Raises:
+        StateTreeError: a value that is not a tree leaf, naming its key path.
+    """
+    enc = _Encoder()
+    tree = enc.visit(state, ())
+    if enc.aliases:
+        if not isinstance(tree, dict):
+            raise StateTreeError("state: shared tensors are supported only under a dict root")
+        tree.setdefault(META, {})["aliases"] = enc.aliases
+    return tree
+
+
+def _decode_node(node: Any, copy: bool) -> Any:
+    if isinstance(node, np.ndarray):
+        return array_to_tensor(node, copy=copy)
+    if isinstance(node, dict):
+        meta = node.get(META)
+        meta = meta if isinstance(meta, dict) else {}
+        int_keys = set(meta.get("int_keys", ()))
+        out: dict[Any, Any] = {}
+        for key, value in node.items():
+            if key == META:
+                continue
+            out[int(key) if key in int_keys else key] = _decode_node(value, copy)
+        module_meta = meta.get("module_metadata")
+        if isinstance(module_meta, dict):
+            ordered: OrderedDict[Any, Any] = OrderedDict(out)
+            ordered._metadata = module_meta  # type: ignore[attr-defined]
+            return ordered
+        return out
+    if isinstance(node, list):
+        return [_decode_node(v, copy) for v in node]
+    if isinstance(node, tuple):
+        return tuple(_decode_node(v, copy) for v in node)
+    return node
+
+
+def _lookup(root: Any, path: list[Any]) -> tuple[Any, Any]:
+    """The container holding ``path``'s last part, and that part."""
+    node = root
+    for part in path[:-1]:
+        node = node[part]
+    return node, path[-1]
+
+
+def decode(tree: Any, *, copy: bool = True) -> Any:
+    """Invert :func:`encode`: arrays become CPU tensors, int keys and tied tensors come back.
+
+    With ``copy=False`` tensors share memory with the arrays (fine when the caller copies them
+    into existing parameters, as ``Module.load_state_dict`` does).
+
+    Raises:
+        StateTreeError: the alias table points at paths that are not in the tree.
+    """
+    out = _decode_node(tree, copy)
+    meta = tree.get(META) if isinstance(tree, dict) else None
+    aliases = meta.get("aliases", ()) if isinstance(meta, dict) else ()
+    for alias, target in aliases:
+        try:
+            holder, last = _lookup(out, target)
+            value = holder[last]
+            holder, last = _lookup(out, alias)
+            holder[last] = value
+        except (KeyError, IndexError, TypeError) as exc:
+            raise StateTreeError(
+                f"{where(alias)}: tied-tensor record points nowhere ({exc!r})"
+            ) from exc
+    return out
