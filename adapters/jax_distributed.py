@@ -46,28 +46,39 @@ class JaxCoordinator:
 
     def broadcast_bytes(self, data: bytes | None) -> bytes:
         """Process 0's ``data`` on every process."""
-        n = int(multihost_utils.broadcast_one_to_all(np.array([len(data or b"")], dtype=np.int64))[0])
+        n = int(
+            multihost_utils.broadcast_one_to_all(np.array([len(data or b"")], dtype=np.int64))[0]
+        )
         buf = multihost_utils.broadcast_one_to_all(_pad(data or b"", max(n, 1)))
         return bytes(np.asarray(buf, dtype=np.uint8)[:n].tobytes())
 
     def gather_bytes(self, data: bytes) -> list[bytes] | None:
         """Every process's ``data`` in process order on process 0; ``None`` elsewhere."""
-        sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], dtype=np.int64))).reshape(-1)
+        sizes = np.asarray(
+            multihost_utils.process_allgather(np.array([len(data)], dtype=np.int64))
+        ).reshape(-1)
         width = max(int(sizes.max()), 1)
-        rows = np.asarray(multihost_utils.process_allgather(_pad(data, width))).reshape(self.world_size, width)
+        rows = np.asarray(multihost_utils.process_allgather(_pad(data, width))).reshape(
+            self.world_size, width
+        )
         if self.rank != 0:
             return None
         return [bytes(rows[i, : int(sizes[i])].tobytes()) for i in range(self.world_size)]
 
 
 def _start(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(0 if s.start is None else int(s.start) for s in index) + (0,) * (len(shape) - len(index))
+    return tuple(0 if s.start is None else int(s.start) for s in index) + (0,) * (
+        len(shape) - len(index)
+    )
 
 
 def array_to_sharded(x: jax.Array) -> ShardedArray:
     """The pieces of ``x`` this process writes: its addressable shards of replica 0."""
-    shards = tuple(Shard(_start(s.index, x.shape), np.asarray(s.data))
-                   for s in x.addressable_shards if s.replica_id == 0)
+    shards = tuple(
+        Shard(_start(s.index, x.shape), np.asarray(s.data))
+        for s in x.addressable_shards
+        if s.replica_id == 0
+    )
     return ShardedArray(tuple(x.shape), np.dtype(x.dtype), shards)
 
 
@@ -81,7 +92,9 @@ def array_spec(x: jax.Array) -> ShardSpec:
 
 
 def _map(fn: Any, tree: Any) -> Any:
-    return jax.tree_util.tree_map(fn, tree, is_leaf=lambda x: isinstance(x, (ShardedArray, ShardSpec)))
+    return jax.tree_util.tree_map(
+        fn, tree, is_leaf=lambda x: isinstance(x, (ShardedArray, ShardSpec))
+    )
 
 
 def to_state(tree: Any) -> Any:
@@ -96,13 +109,18 @@ def template(tree: Any) -> Any:
 
 def from_state(like: Any, state: Any) -> Any:
     """Arrays with ``like``'s shardings from a state restored with ``template(like)``."""
+
     def build(x: Any, got: Any) -> Any:
         if not isinstance(x, jax.Array):
             return got
         if not isinstance(got, ShardedArray):
             raise StateTreeError("restore with template(tree) to get this process's pieces")
         pieces = {s.offsets: s.data for s in got.shards}
-        arrays = [jax.device_put(pieces[_start(s.index, x.shape)], s.device) for s in x.addressable_shards]
+        arrays = [
+            jax.device_put(pieces[_start(s.index, x.shape)], s.device) for s in x.addressable_shards
+        ]
         return jax.make_array_from_single_device_arrays(x.shape, x.sharding, arrays)
-    return jax.tree_util.tree_map(build, like, state,
-                                  is_leaf=lambda v: isinstance(v, (ShardedArray, ShardSpec)))
+
+    return jax.tree_util.tree_map(
+        build, like, state, is_leaf=lambda v: isinstance(v, (ShardedArray, ShardSpec))
+    )
