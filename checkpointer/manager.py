@@ -22,6 +22,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from . import collective, commit
 from .async_save import AsyncWriter
 from .distributed import Coordinator, detect_coordinator, run_on_primary
@@ -402,7 +404,11 @@ def _metric_value(name: Any, value: Any) -> Any:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise MetricError(f"metric name {name!r} is not valid unicode") from None
-    return value if isinstance(value, str) else to_float(name, value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)  # a batch or step count stays an int for {batch:02d}
+    return to_float(name, value)
 
 
 def _library_version() -> str:

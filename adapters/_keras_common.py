@@ -1,0 +1,127 @@
+"""Small pieces of the Keras callbacks: Keras's ``save_freq`` rule, its printer, log and
+path helpers."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from typing import Any
+
+from checkpointer.errors import ConfigurationError
+from checkpointer.naming import template_fields
+
+from . import _keras_files as files
+
+__all__ = [
+    "check_save_freq",
+    "BatchCounter",
+    "print_msg",
+    "direction_from_model",
+    "scalar_logs",
+    "split_managed",
+]
+
+
+def print_msg(message: str) -> None:
+    """Print like Keras's callbacks do (honours ``keras.config.disable_interactive_logging``)."""
+    try:
+        from keras.src.utils.io_utils import print_msg as keras_print
+    except ImportError:  # pragma: no cover - a Keras without that private helper
+        print(message)
+    else:
+        keras_print(message)
+
+
+def check_save_freq(save_freq: Any, *, allow_false: bool = False) -> str | int | bool:
+    """Validate Keras's ``save_freq``: ``"epoch"`` or a positive number of batches
+    (``False`` too, meaning no scheduled saves, where ``allow_false``)."""
+    if save_freq == "epoch":
+        return "epoch"
+    if allow_false and save_freq is False:
+        return False
+    if isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1:
+        raise ConfigurationError(
+            f"Unrecognized save_freq: {save_freq!r}. Expected 'epoch' or a positive integer "
+            "(a number of batches)."
+        )
+    return save_freq
+
+
+class BatchCounter:
+    """Keras's batch counting for an integer ``save_freq``.
+
+    ``batch`` is the index of the last batch run (with ``steps_per_execution`` it jumps);
+    an index not above the previous one starts a new epoch.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every, self.seen = every, 0
+        self.last: int | None = None
+
+    def due(self, batch: int) -> bool:
+        """Count the batches up to ``batch``; True (and reset) once ``every`` are reached."""
+        if self.last is None or batch <= self.last:
+            self.seen += batch + 1
+        else:
+            self.seen += batch - self.last
+        self.last = batch
+        if self.seen >= self.every:
+            self.seen = 0
+            return True
+        return False
+
+
+def direction_from_model(model: Any, monitor: str) -> str | None:
+    """Keras's fallback for ``mode="auto"``: the ``_direction`` of a compiled metric."""
+    name = monitor.removeprefix("val_")
+    for metric in getattr(model, "metrics", []) or []:
+        for sub in [metric, *(getattr(metric, "metrics", None) or [])]:
+            direction = getattr(sub, "_direction", None)
+            if getattr(sub, "name", None) == name and direction in ("up", "down"):
+                return "max" if direction == "up" else "min"
+    return None
+
+
+def scalar_logs(logs: Mapping[str, Any]) -> dict[str, float]:
+    """The log entries that are scalar numbers, as floats (others cannot be metrics)."""
+    out = {}
+    for key, value in logs.items():
+        try:
+            out[key] = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError, RuntimeError):
+            continue  # non-scalar logs cannot be stored as metrics
+    return out
+
+
+def split_managed(filepath: str) -> tuple[str, str | None]:
+    """``(directory, filename template)`` for a path in this project's format."""
+    parent, name = files.split_path(filepath.rstrip("/"))
+    if "{" in parent:
+        raise ConfigurationError(
+            f"filepath {filepath!r}: only the last part of a path in this project's format may "
+            "hold {fields}; the folders must be fixed"
+        )
+    if "{" in name or name.endswith(".safetensors"):
+        template_fields(name)
+        return parent, _int_batch_fields(name)
+    return filepath, None
+
+
+def _int_batch_fields(template: str) -> str:
+    """Rewrite ``{batch}`` / ``{batch:02d}`` for a float value: the manager stores metrics
+    (where ``batch`` travels) as floats, and Keras names show the batch as an integer."""
+    out = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is None:
+            continue
+        if field == "batch" and not conversion and (not spec or spec.endswith("d")):
+            spec = (spec[:-1] if spec else "") + ".0f"
+        out.append(
+            "{"
+            + field
+            + (f"!{conversion}" if conversion else "")
+            + (f":{spec}" if spec else "")
+            + "}"
+        )
+    return "".join(out)

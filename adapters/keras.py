@@ -1,0 +1,382 @@
+"""Keras 3 adapter: drop-in ``ModelCheckpoint`` and ``BackupAndRestore`` backed by the core.
+
+Both callbacks take Keras's own arguments and work on every Keras 3 backend (TensorFlow, JAX,
+PyTorch); only the import changes::
+
+    from checkpointer.adapters.keras import ModelCheckpoint   # was: from keras.callbacks ...
+
+A ``filepath`` ending in ``.weights.h5``, ``.keras`` or ``.h5`` gets exactly the file Keras
+would write, committed atomically on any fsspec store; any other path (a folder, or a
+``.safetensors`` name) is a checkpoint in this project's format written by
+:class:`checkpointer.CheckpointManager`. ``to_state`` / ``load_state`` convert a model for
+plain use with ``checkpointer.save`` / ``checkpointer.load``.
+"""
+
+from __future__ import annotations
+
+try:
+    import keras
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "checkpointer.adapters.keras needs Keras 3 and a backend: "
+        "pip install 'checkpointer-engine[keras]'"
+    ) from exc
+if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover
+    raise ImportError(
+        f"checkpointer.adapters.keras needs Keras 3, found {keras.__version__}: "
+        "pip install 'checkpointer-engine[keras]'"
+    )
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from checkpointer import CheckpointManager, CheckpointWarning
+from checkpointer.errors import ConfigurationError, MetricError
+from checkpointer.monitor import Monitor, infer_mode
+from checkpointer.retention import Retention
+
+from . import _keras_files as files
+from ._keras_backup import BackupAndRestore
+from ._keras_common import (
+    BatchCounter,
+    check_save_freq,
+    direction_from_model,
+    print_msg,
+    scalar_logs,
+    split_managed,
+)
+from ._keras_record import RECORD_SUFFIX, FileEntry, FileRecord
+from ._keras_state import load_state, to_state
+
+__all__ = ["ModelCheckpoint", "BackupAndRestore", "to_state", "load_state"]
+
+_log = logging.getLogger("checkpointer")
+
+
+class ModelCheckpoint(keras.callbacks.Callback):
+    """Drop-in for ``keras.callbacks.ModelCheckpoint``, with a reliable best and extensions.
+
+    Positional arguments and defaults are Keras's. ``{epoch}`` (1-based), ``{batch}``
+    (1-based) and any log key fill ``filepath``; an integer ``save_freq`` counts batches.
+    Unlike Keras's callback: save-best works with an integer ``save_freq``; a NaN never
+    becomes the best; a missing monitored metric warns and never overwrites the best; the best
+    survives a restarted run (a ``<file>.ckpt-best.json`` record beside Keras files, the
+    manager's index for this project's format).
+
+    Args:
+        filepath: ``.weights.h5`` / ``.keras`` / ``.h5``: Keras's own file; anything else
+            (a folder, ``name.safetensors``, ``dir/epoch{epoch:02d}``): this project's
+            format. Any fsspec URL.
+        monitor, verbose, save_best_only, save_weights_only, mode, save_freq,
+        initial_value_threshold: as in Keras.
+        keep_best: keep the best K checkpoints (by ``monitor``) of those written.
+        keep_last: keep the last N checkpoints written.
+        min_delta: an improvement must beat the best by more than this.
+        nan_policy: a NaN/inf monitored value: ``"worst"`` (never the best), ``"skip"``
+            (no save) or ``"raise"``.
+        async_save: write in a background thread (one save in flight).
+        storage_options: passed to fsspec.
+
+    Raises:
+        ConfigurationError: an invalid option (a ``ValueError``, as Keras raises).
+
+    Example:
+        >>> cb = ModelCheckpoint("best_model.weights.h5", save_weights_only=True,
+        ...                      monitor="val_loss", mode="min", save_best_only=True)
+        >>> model.fit(x, y, validation_data=(xv, yv), callbacks=[cb])
+        >>> model.load_weights("best_model.weights.h5")
+    """
+
+    def __init__(
+        self,
+        filepath: str | os.PathLike[str],
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "auto",
+        save_freq: str | int = "epoch",
+        initial_value_threshold: float | None = None,
+        *,
+        keep_best: int | None = None,
+        keep_last: int | None = None,
+        min_delta: float = 0.0,
+        nan_policy: str = "worst",
+        async_save: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("auto", "min", "max"):
+            warnings.warn(
+                f"ModelCheckpoint mode '{mode}' is unknown, fallback to auto mode.", stacklevel=2
+            )
+            mode = "auto"
+        self.filepath = os.fspath(filepath)
+        self.monitor = monitor
+        self.verbose = verbose
+        self.mode = mode
+        self.save_best_only = bool(save_best_only)
+        self.save_weights_only = bool(save_weights_only)
+        self.save_freq = check_save_freq(save_freq)
+        self.initial_value_threshold = initial_value_threshold
+        self.min_delta = min_delta
+        self.nan_policy = nan_policy
+        self.keep_best = keep_best
+        self.keep_last = keep_last
+        self.async_save = bool(async_save)
+        self.storage_options = storage_options
+        Retention(keep_last, keep_best)  # validates both
+        Monitor.create(monitor, "min", min_delta, initial_value_threshold, nan_policy)  # validates
+        self.best: float | None = None
+        self._ranked = self.save_best_only or bool(keep_best)
+        self._monitor = self._resolve_monitor(None)
+        self._keras_file = files.is_keras_file(self.filepath)
+        if (
+            self._keras_file
+            and self.save_weights_only
+            and not self.filepath.endswith(".weights.h5")
+        ):
+            raise ConfigurationError(
+                "When using `save_weights_only=True` in `ModelCheckpoint`, the filepath provided "
+                f"must end in `.weights.h5` (Keras weights format). Received: filepath={self.filepath}"
+            )
+        if not self._keras_file:
+            self._directory, self._filename = split_managed(self.filepath)
+        self._counter = BatchCounter(self.save_freq) if self.save_freq != "epoch" else None
+        self._current_epoch = 0
+        self._record: FileRecord | None = None
+        self._manager: CheckpointManager | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    # -- Keras hooks -----------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._wait_pending()
+        if self._monitor is None:
+            self._monitor = self._resolve_monitor(self.model)
+        if self._monitor is None and self._ranked:
+            raise ConfigurationError(
+                f"ModelCheckpoint callback received monitor={self.monitor}, but cannot tell "
+                "whether that metric should be maximized or minimized. Pass `mode='max'` or "
+                "`mode='min'`."
+            )
+        ranking = self._monitor if self._ranked else None
+        if self._keras_file:
+            for name in files.cleanup_leftovers(self.filepath, RECORD_SUFFIX, self.storage_options):
+                _log.info("removed %s, left unfinished by a writer that is gone", name)
+            if self._ranked or self.keep_last:
+                if self._record is None:
+                    self._record = FileRecord(self.filepath, ranking, self.storage_options)
+                if self._record.load() and self._record.best is not None:
+                    self.best = self._record.best.value
+        elif self._manager is None:
+            self._manager = CheckpointManager(
+                self._directory,
+                monitor=None if ranking is None else ranking.metric,
+                mode="auto" if ranking is None else ranking.mode,
+                min_delta=self.min_delta,
+                initial_value_threshold=self.initial_value_threshold,
+                save_best_only=self.save_best_only,
+                every_n_epochs=1,
+                keep_last=self.keep_last,
+                keep_best=self.keep_best,
+                filename=self._filename,
+                nan_policy=self.nan_policy,
+                async_save=self.async_save,
+                storage_options=self.storage_options,
+            )
+            best = self._manager.best
+            if best is not None and ranking is not None:
+                self.best = ranking.extract(best.metrics)
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._current_epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._counter is not None and self._counter.due(batch):
+            self._save(self._current_epoch, batch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.save_freq == "epoch":
+            self._save(epoch, None, logs)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._wait_pending()
+        if self._manager is not None:
+            self._manager.wait()
+
+    # -- decisions --------------------------------------------------------------------
+
+    def _resolve_monitor(self, model: Any) -> Monitor | None:
+        mode = self.mode
+        if mode == "auto":
+            mode = infer_mode(self.monitor) or (
+                direction_from_model(model, self.monitor) if model is not None else None
+            )
+        if mode is None:
+            return None
+        return Monitor.create(
+            self.monitor, mode, self.min_delta, self.initial_value_threshold, self.nan_policy
+        )
+
+    def _get_file_path(self, epoch: int, batch: int | None, logs: Mapping[str, Any]) -> str:
+        """Keras's rule: ``epoch`` and ``batch`` 1-based, every log key available."""
+        try:
+            if batch is None or "batch" in logs:
+                return self.filepath.format(epoch=epoch + 1, **logs)
+            return self.filepath.format(epoch=epoch + 1, batch=batch + 1, **logs)
+        except KeyError as e:
+            raise KeyError(
+                f'Failed to format this callback filepath: "{self.filepath}". Reason: {e}'
+            ) from e
+
+    def _ranked_value(self, logs: Mapping[str, Any]) -> float | None:
+        """The monitored value when ranking is on; warns when it is missing or not a number."""
+        if not self._ranked or self._monitor is None:
+            return None
+        try:
+            value = self._monitor.extract(scalar_logs(logs))
+        except MetricError as exc:
+            value, why = None, str(exc)
+        else:
+            why = f"{self.monitor!r} is not in the logs ({sorted(logs)})"
+        if value is None:
+            warnings.warn(
+                f"Can save best model only with {self.monitor} available: {why}; "
+                "this save point is not ranked and the best is not overwritten.",
+                CheckpointWarning,
+                stacklevel=3,
+            )
+            return None
+        if not math.isfinite(value) and self.nan_policy == "raise":
+            raise MetricError(f"monitored metric {self.monitor!r} is {value} (nan_policy='raise')")
+        return value
+
+    def _save(self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None) -> None:
+        self._wait_pending()
+        logs = dict(logs or {})
+        if self._keras_file:
+            self._save_file(epoch, batch, logs)
+        else:
+            self._save_managed(epoch, batch, logs)
+
+    def _save_file(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> None:
+        filepath = self._get_file_path(epoch, batch, logs)
+        value = self._ranked_value(logs)
+        if value is not None and not math.isfinite(value) and self.nan_policy == "skip":
+            _log.info("not saving %s: %s is %s (nan_policy='skip')", filepath, self.monitor, value)
+            return
+        is_best = False
+        if self.save_best_only:
+            assert self._monitor is not None
+            best_str = "None" if self.best is None else f"{self.best:.5f}"
+            if value is None or not self._monitor.is_improvement(value, self.best):
+                if self.verbose > 0:
+                    print_msg(
+                        f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best_str}"
+                    )
+                return
+            if self.verbose > 0:
+                print_msg(
+                    f"\nEpoch {epoch + 1}: {self.monitor} improved from {best_str} to "
+                    f"{value:.5f}, saving model to {filepath}"
+                )
+            is_best = True
+        elif self.verbose > 0:
+            print_msg(f"\nEpoch {epoch + 1}: saving model to {filepath}")
+        staged = files.stage_model_file(
+            self.model,
+            filepath,
+            weights_only=self.save_weights_only,
+            storage_options=self.storage_options,
+        )
+        entry = FileEntry(filepath, value, epoch + 1, None if batch is None else batch + 1)
+        previous = self.best
+        if is_best:
+            self.best = value  # decisions until the commit lands see the new best
+
+        def commit() -> None:
+            try:
+                staged.commit()
+            except BaseException:
+                if is_best:
+                    self.best = previous  # the file on storage is still the previous best
+                raise
+            if self._record is not None:
+                self._record.add(entry, is_best=is_best)
+                for gone in self._record.apply_retention(self.keep_last, self.keep_best):
+                    _log.info("deleted %s (outside keep_last=%s / keep_best=%s)", gone,
+                              self.keep_last, self.keep_best)  # fmt: skip
+                self._record.save()
+            if self.verbose > 0:
+                print_msg(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")
+
+        self._run(commit)
+
+    def _save_managed(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> None:
+        assert self._manager is not None, "on_train_begin was not called"
+        metrics = scalar_logs(logs)
+        if batch is not None and "batch" not in metrics and "batch" in (self._filename or ""):
+            metrics["batch"] = batch + 1
+        step = self._global_step()
+        previous = self.best
+        info = self._manager.epoch_end(
+            epoch + 1, lambda: self._state(epoch + 1, step), step=step, metrics=metrics
+        )
+        value = None
+        if self._ranked and self._monitor is not None:
+            try:
+                value = self._monitor.extract(metrics)
+            except MetricError:
+                value = None
+        if (
+            info is not None
+            and value is not None
+            and math.isfinite(value)
+            and (self.save_best_only or self._monitor.better(value, previous))
+        ):  # type: ignore[union-attr]
+            self.best = value
+        if self.verbose > 0:
+            best_str = "None" if previous is None else f"{previous:.5f}"
+            if info is None:
+                print_msg(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best_str}")
+            elif self.save_best_only:
+                print_msg(
+                    f"\nEpoch {epoch + 1}: {self.monitor} improved from {best_str} to "
+                    f"{value:.5f}, saving model to {info.url}"
+                )
+            else:
+                print_msg(f"\nEpoch {epoch + 1}: saving model to {info.url}")
+
+    def _state(self, epoch: int, step: int) -> dict[str, Any]:
+        state = to_state(self.model, include_optimizer=not self.save_weights_only)
+        if not self.save_weights_only:
+            state["epoch"], state["step"] = epoch, step
+        return state
+
+    def _global_step(self) -> int:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return 0
+        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+    # -- background commits -------------------------------------------------------------
+
+    def _run(self, job: Callable[[], None]) -> None:
+        if not self.async_save:
+            job()
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpointer-keras")
+        self._pending = self._executor.submit(job)
+
+    def _wait_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # re-raises a background failure here, never lost
