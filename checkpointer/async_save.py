@@ -14,7 +14,10 @@ exit: a save still running when the program ends completes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -27,6 +30,7 @@ __all__ = ["AsyncWriter"]
 
 log = logging.getLogger("checkpointer")
 _ALIGN = 64
+NICE = 5  # niceness added to the writer thread; 0 disables
 
 
 def _staged_dtype(dtype: np.dtype) -> np.dtype:
@@ -41,7 +45,7 @@ class AsyncWriter:
     """
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpointer-save")
+        self._executor = _new_executor()
         self._future: Future[Any] | None = None
         self._arena = np.empty(0, dtype=np.uint8)
         self._closed = False
@@ -83,9 +87,7 @@ class AsyncWriter:
         """Run ``job`` in the background (after any previous job has finished)."""
         self.wait()
         if self._closed:  # used again after close(): start a fresh worker
-            self._executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="checkpointer-save"
-            )
+            self._executor = _new_executor()
             self._closed = False
         self.pending_seq, self.pending_record = seq, record
         self._future = self._executor.submit(_logged, record.name, job)
@@ -113,6 +115,20 @@ class AsyncWriter:
         finally:
             self._executor.shutdown(wait=True)
             self._arena = np.empty(0, dtype=np.uint8)
+
+
+def _new_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="checkpointer-save", initializer=_lower_priority
+    )
+
+
+def _lower_priority() -> None:
+    """Nice the writer thread a little (Linux: per thread), so that on a machine without a
+    spare core the training loop keeps the CPU and the save takes what is left."""
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:

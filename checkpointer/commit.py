@@ -69,7 +69,8 @@ def new_owner() -> str:
     return token
 
 
-def _release(owner: str) -> None:
+def release_owner(owner: str) -> None:
+    """Mark ``owner`` finished: its leftovers may now be cleaned up."""
     with _active_lock:
         _active.discard(owner)
 
@@ -88,7 +89,7 @@ def doomed(rel: str) -> Iterator[str]:
     try:
         yield f"{TMP_PREFIX}{rel}-{owner}"
     finally:
-        _release(owner)
+        release_owner(owner)
 
 
 def owner_is_dead(owner: str) -> bool:
@@ -142,7 +143,7 @@ def write_checkpoint(
             return _write_renaming(store, name, work, owner)
         return _write_object_store(store, name, work, owner)
     finally:
-        _release(owner)
+        release_owner(owner)
 
 
 class Participants(Protocol):
@@ -257,8 +258,11 @@ def _write_object_store(store: Store, name: str, work: _Work, owner: str) -> int
     foreign = any(not _DATA_RE.match(b) for b in before) or name in listing  # a file of that name
     if fmt.MANIFEST_NAME not in before and foreign:
         raise StorageError(f"{store.url_of(name)} exists and is not a checkpoint: not writing into it")
+    prior: set[str] = set()  # the data the replaced manifest names: ours to delete after
     if fmt.MANIFEST_NAME in before:
         _forget_index(store)
+        with contextlib.suppress(CheckpointError):
+            prior = {f[0] for f in read_manifest(store, name)["files"]}
     try:
         nbytes, written = _write_files(store, name, f"data-{owner}-", work)
     except BaseException:
@@ -268,7 +272,10 @@ def _write_object_store(store: Store, name: str, work: _Work, owner: str) -> int
                     store.remove_file(f)
         raise
     for old in before - set(written) - {fmt.MANIFEST_NAME}:
-        if _DATA_RE.match(old):
+        # Never the objects of a live concurrent writer of this name: its manifest may
+        # still come and name them. Those of the replaced manifest and of dead writers go.
+        m = _DATA_RE.match(old)
+        if m and (old in prior or (m["owner"] and owner_is_dead(m["owner"]))):
             with contextlib.suppress(CheckpointError):
                 store.remove_file(f"{name}/{old}")
     return nbytes

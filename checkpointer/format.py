@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -248,6 +248,8 @@ def _header_entry(key: str, info: Any, base: int, where: str) -> HeaderEntry:
     if (not isinstance(offs, list) or len(offs) != 2
             or not all(type(o) is int and 0 <= o < 2**62 for o in offs) or offs[0] > offs[1]):
         raise InvalidOffsetsError(f"{where}: tensor {key!r:.80} has invalid offsets {offs!r:.80}")
+    if math.prod(d for d in shape if d) * dtype.itemsize >= 2**62:  # numpy refuses such shapes
+        raise HeaderError(f"{where}: tensor {key!r:.80} has an impossible shape {shape!r:.80}")
     if math.prod(shape) * dtype.itemsize != offs[1] - offs[0]:
         raise InvalidOffsetsError(
             f"{where}: tensor {key!r:.80} spans {offs[1] - offs[0]} bytes but its shape and "
@@ -259,35 +261,37 @@ def read_tensors(
     f: BinaryIO, entries: Iterable[HeaderEntry], expected_crc: dict[str, int] | None,
     where: str, file_crc: int = 0,
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Read every tensor with ``readinto`` into a fresh array, checking crcs when given.
+    """Read every tensor with ``readinto`` into fresh memory, checking crcs when given.
 
     ``entries`` come from :func:`read_header` (sorted, tiling the file), so their sizes are
-    already bounded by the real file length. Returns the arrays and the file checksum
-    (see :class:`FileRecord`) continued from ``file_crc`` over each tensor's crc32c
-    (only computed when ``expected_crc`` is given).
+    already bounded by the real file length. A tensor of ``_OWN`` bytes or more gets its
+    own array; smaller tensors adjacent in the file are read with one ``readinto`` into
+    one shared buffer and returned as views of it (one allocation and one call instead of
+    one each: fewer page faults, less per-tensor overhead). Returns the arrays and the
+    file checksum (see :class:`FileRecord`) continued from ``file_crc`` over each tensor's
+    crc32c (only computed when ``expected_crc`` is given).
     """
     out: dict[str, np.ndarray] = {}
     crcs: list[tuple[str, int | Future[int]]] = []
-    for e in entries:
-        arr = np.empty(e.shape, dtype=e.dtype)
-        view = _raw(arr) if arr.size else memoryview(b"")
-        f.seek(e.begin)
+    for run in _runs(entries):
+        start, end = run[0].begin, run[-1].end
+        if len(run) == 1 and end - start >= _OWN:
+            arr = np.empty(run[0].shape, dtype=run[0].dtype)
+            buf = _raw(arr)
+            out[run[0].key] = arr
+        else:
+            arena = np.empty(end - start, dtype=np.uint8)
+            buf = memoryview(arena)  # type: ignore[arg-type]
+            for e in run:
+                out[e.key] = arena[e.begin - start:e.end - start].view(e.dtype).reshape(e.shape)
         # a big tensor is checksummed chunk by chunk on a helper thread while the next
         # chunk is read (both release the GIL), so verification hides behind the reads
-        piped = expected_crc is not None and len(view) >= _PIPELINE
-        step = _PIPE_CHUNK if piped else _READ_CHUNK
-        chain: Future[int] | None = None
-        got = 0
-        while got < len(view):
-            n = f.readinto(view[got:got + step])  # type: ignore[attr-defined]
-            if not n:
-                raise TruncatedFileError(f"{where}: tensor {e.key!r:.80} is cut short")
-            if piped:
-                chain = _crc_pool().submit(_crc_after, chain, view[got:got + n])
-            got += n
-        if expected_crc is not None:
-            crcs.append((e.key, chain if chain is not None else crc32c(view)))
-        out[e.key] = arr
+        piped = expected_crc is not None and len(run) == 1 and len(buf) >= _PIPELINE
+        chain = _read_run(f, run, buf, piped, where)
+        if chain is not None:
+            crcs.append((run[0].key, chain))
+        elif expected_crc is not None:
+            crcs += [(e.key, crc32c(buf[e.begin - start:e.end - start])) for e in run]
     for key, c in crcs:
         t_crc = c if isinstance(c, int) else c.result()
         if t_crc != expected_crc[key]:  # type: ignore[index]
@@ -296,6 +300,42 @@ def read_tensors(
     return out, file_crc
 
 
+def _runs(entries: Iterable[HeaderEntry]) -> Iterator[list[HeaderEntry]]:
+    """Entries grouped for reading: a big tensor alone; adjacent small ones together, as
+    long as each stays aligned to its item size within the group."""
+    run: list[HeaderEntry] = []
+    for e in entries:
+        big = e.end - e.begin >= _OWN
+        if run and (big or e.begin != run[-1].end or (e.begin - run[0].begin) % e.dtype.itemsize):
+            yield run
+            run = []
+        if big:
+            yield [e]
+        else:
+            run.append(e)
+    if run:
+        yield run
+
+
+def _read_run(f: BinaryIO, run: list[HeaderEntry], buf: memoryview, piped: bool,
+              where: str) -> Future[int] | None:
+    """Fill ``buf`` from the file range of ``run``; the crc32c chain when ``piped``."""
+    f.seek(run[0].begin)
+    step = _PIPE_CHUNK if piped else _READ_CHUNK
+    chain: Future[int] | None = None
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:got + step])  # type: ignore[attr-defined]
+        if not n:
+            key = next(e.key for e in run if e.end > run[0].begin + got)
+            raise TruncatedFileError(f"{where}: tensor {key!r:.80} is cut short")
+        if piped:
+            chain = _crc_pool().submit(_crc_after, chain, buf[got:got + n])
+        got += n
+    return chain
+
+
+_OWN = 4 << 20
 _PIPELINE = 16 << 20
 _PIPE_CHUNK = 8 << 20
 _pool: list[ThreadPoolExecutor] = []

@@ -7,6 +7,7 @@ folders with a manifest the index does not know are read and added.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -76,11 +77,20 @@ def write_index(store: Store, entries: list[Entry], config: dict[str, Any] | Non
     blob = fmt.encode_framed(INDEX_MAGIC, {"version": 1, "config": config or {},
                                            "checkpoints": [encode_entry(e) for e in entries]})
     if store.atomic_rename:
-        from .commit import new_owner
-        tmp = f".ckpt-tmp-index-{new_owner()}"
-        store.put_bytes(tmp, blob)
-        store.rename(tmp, INDEX_NAME)
-        store.fsync_dir("")
+        from .commit import new_owner, release_owner
+        owner = new_owner()
+        tmp = f".ckpt-tmp-index-{owner}"
+        try:
+            store.put_bytes(tmp, blob)
+            store.rename(tmp, INDEX_NAME)
+            store.fsync_dir("")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if store.exists(tmp):
+                    store.remove_file(tmp)
+            raise
+        finally:
+            release_owner(owner)
     else:
         store.put_bytes(INDEX_NAME, blob)
 

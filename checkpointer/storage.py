@@ -386,6 +386,6 @@ def open_store(directory: str | os.PathLike[str], storage_options: dict[str, Any
         raise ConfigurationError(f"no fsspec backend for {text!r}: {exc}") from exc
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"cannot open {text!r}: {exc}") from exc
-    if isinstance(fs, LocalFileSystem) and not storage_options:
+    if isinstance(fs, LocalFileSystem):  # os calls: fsync of files and folders
         return LocalStore(root)
     return FsspecStore(fs, root, text)

@@ -11,6 +11,7 @@ Array keys are the leaf's path, each part escaped JSON-pointer style (``~`` -> `
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = ["flatten", "unflatten", "path_key", "MAX_DEPTH", "resolve_state"]
 
 MAX_DEPTH = 200
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+_BIG_INT = re.compile(r"-?[0-9]{1,4300}")
 
 
 def path_key(parts: list[str | int]) -> str:
@@ -182,7 +184,7 @@ def _build_leaf(tag: str, rest: list[Any], get: Callable[[str], np.ndarray],
             raise bad("int leaf holds a bool")
         if tag == "I":
             assert isinstance(value, str)
-            if len(value) > 4400 or not value.lstrip("-").isdigit():
+            if not _BIG_INT.fullmatch(value):
                 raise bad(f"big int leaf {value!r:.40}")
             return int(value)
         return value

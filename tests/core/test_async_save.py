@@ -116,6 +116,7 @@ def test_background_failure_surfaces_at_next_call_and_is_never_listed(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = commit_mod.write_checkpoint
+
     def flaky(*args: Any, **kwargs: Any) -> int:
         if args[4]["step"] == 2:
             time.sleep(0.05)
@@ -251,3 +252,17 @@ def test_manager_usable_after_close(tmp_path: Any) -> None:
     mgr.save({"a": np.ones(2)}, step=2)
     mgr.close()
     assert [c.step for c in mgr.checkpoints] == [1, 2]
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread niceness is Linux-only")
+def test_writer_thread_is_niced(tmp_path: Any) -> None:
+    from checkpointer import async_save
+
+    with CheckpointManager(tmp_path, async_save=True) as mgr:
+        mgr.save({"a": np.ones(2)}, step=1)
+        mgr.wait()
+        workers = [t for t in threading.enumerate() if t.name.startswith("checkpointer-save")]
+        assert workers and workers[0].native_id is not None
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        theirs = os.getpriority(os.PRIO_PROCESS, workers[0].native_id)
+        assert theirs == min(19, mine + async_save.NICE)

@@ -1,0 +1,90 @@
+"""Helpers of the hostile-input tests: bounded-memory calls, framing, a valid manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tracemalloc
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+import checkpointer
+from checkpointer import CheckpointError
+from checkpointer import format as fmt
+from checkpointer.commit import MANIFEST_MAGIC, read_manifest
+from checkpointer.storage import open_store
+
+MEMORY_CAP = 4 << 20  # bytes of Python allocation per case
+
+
+@contextmanager
+def bounded_memory() -> Iterator[Callable[[Callable[[], Any]], Any]]:
+    """Yield ``run(fn)``: calls ``fn`` under tracemalloc and asserts its peak stayed small
+    (tracing only the call keeps hypothesis's own generation fast)."""
+
+    def run(fn: Callable[[], Any]) -> Any:
+        tracemalloc.start()
+        try:
+            return fn()
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert peak < MEMORY_CAP, f"case allocated {peak} bytes"
+
+    yield run
+
+
+def only_checkpoint_errors(fn: Callable[[], Any]) -> str:
+    """``fn()``'s outcome: 'ok' or the name of the CheckpointError it raised."""
+    try:
+        fn()
+    except CheckpointError as exc:
+        assert str(exc)
+        return type(exc).__name__
+    return "ok"
+
+
+def _valid_file() -> bytes:
+    buf = io.BytesIO()
+    fmt.write_safetensors(
+        buf,
+        "data-00000.safetensors",
+        [
+            ("a", np.arange(6, dtype=np.float32).reshape(2, 3)),
+            ("b", np.zeros(3, np.int8)),
+            ("c", np.ones((), np.float64)),
+        ],
+    )
+    return buf.getvalue()
+
+
+VALID = _valid_file()
+HEADER_LEN = 8 + struct.unpack("<Q", VALID[:8])[0]
+
+
+def parse_header(data: bytes) -> str:
+    return only_checkpoint_errors(lambda: fmt.read_header(io.BytesIO(data), len(data), "fuzz"))
+
+
+def framed_header(header: Any, tail: bytes, claim: int | None) -> bytes:
+    blob = json.dumps(header).encode()
+    return struct.pack("<Q", len(blob) if claim is None else claim) + blob + tail
+
+
+def frame(body: bytes, magic: bytes = MANIFEST_MAGIC) -> bytes:
+    return struct.pack("<8sIQ", magic, fmt.crc32c(body), len(body)) + body
+
+
+def good_manifest() -> dict[str, Any]:
+    store = open_store(f"memory://hostile-{uuid.uuid4().hex[:8]}")
+    url = store.url_of("c")
+    checkpointer.save(url, {"x": np.arange(4.0), "y": [1, "s", None, (b"b",)]})
+    return read_manifest(store, "c")
+
+
+GOOD = good_manifest()

@@ -1,0 +1,198 @@
+"""Hostile files, fuzzed: the safetensors header parser, the manifest decoder and a full load.
+
+Every input must end in a value or a ``CheckpointError`` subclass: never another exception,
+never a hang (hypothesis deadline), never an allocation beyond a few MB (tracemalloc peak
+per case). Hand-crafted attacker files are in ``test_crafted.py``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from _hostile import (
+    GOOD,
+    VALID,
+    bounded_memory,
+    frame,
+    framed_header,
+    only_checkpoint_errors,
+    parse_header,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import checkpointer
+from checkpointer import format as fmt
+from checkpointer.commit import MANIFEST_MAGIC, load_checkpoint
+from checkpointer.storage import open_store
+
+FUZZ = settings(
+    max_examples=1500,
+    deadline=2000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+COUNTS: Counter[str] = Counter()
+
+
+def mutations(base: bytes) -> st.SearchStrategy[bytes]:
+    """``base`` with a few bytes overwritten, inserted or deleted."""
+    edit = st.tuples(
+        st.sampled_from(["set", "ins", "del"]),
+        st.integers(0, len(base)),
+        st.binary(min_size=1, max_size=4),
+    )
+
+    def apply(edits: list[tuple[str, int, bytes]]) -> bytes:
+        out = bytearray(base)
+        for kind, pos, blob in edits:
+            pos = min(pos, len(out))
+            if kind == "set":
+                out[pos : pos + len(blob)] = blob
+            elif kind == "ins":
+                out[pos:pos] = blob
+            else:
+                del out[pos : pos + len(blob)]
+        return bytes(out)
+
+    return st.lists(edit, min_size=1, max_size=4).map(apply)
+
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=6), kids, max_size=4)
+    ),
+    max_leaves=12,
+)
+tensor_entries = st.fixed_dictionaries(
+    {
+        "dtype": st.one_of(
+            st.sampled_from(["F32", "I8", "BF16", "F8_E4M3", "U64", "X", "f32"]), json_values
+        ),
+        "shape": st.one_of(
+            st.lists(st.one_of(st.integers(-2, 2**63), st.just(0)), max_size=5), json_values
+        ),
+        "data_offsets": st.one_of(
+            st.lists(st.integers(-5, 2**64), min_size=0, max_size=3), json_values
+        ),
+    }
+)
+headers = st.dictionaries(
+    st.one_of(st.text(max_size=5), st.just("__metadata__")),
+    st.one_of(tensor_entries, json_values),
+    max_size=4,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_counts() -> Iterator[None]:
+    yield
+    from _relcommon import _COUNTS
+
+    _COUNTS.update(COUNTS)
+
+
+def test_fuzz_safetensors_header() -> None:
+    with bounded_memory() as run:
+
+        @FUZZ
+        @given(
+            st.one_of(
+                st.binary(max_size=300),
+                mutations(VALID),
+                st.builds(
+                    framed_header,
+                    headers,
+                    st.binary(max_size=64),
+                    st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+                ),
+            )
+        )
+        def case(data: bytes) -> None:
+            COUNTS["fuzz cases: safetensors header"] += 1
+            run(lambda: parse_header(data))
+
+        case()
+
+
+msgpack_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**64 - 1),
+        st.floats(),
+        st.text(max_size=8),
+        st.binary(max_size=8),
+    ),
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=5), st.dictionaries(st.text(max_size=6), kids, max_size=5)
+    ),
+    max_leaves=8,
+)
+
+
+def manifest_like() -> st.SearchStrategy[Any]:
+    """Manifests that pass the frame check: random objects, or the good one with one field
+    replaced by a random value, so decoding reaches the validation and the tree builder."""
+
+    def patch(key: str, value: Any) -> dict[str, Any]:
+        return {**GOOD, key: value}
+
+    return st.one_of(
+        msgpack_values, st.builds(patch, st.sampled_from(sorted(GOOD)), msgpack_values)
+    )
+
+
+def test_fuzz_manifest_decoder() -> None:
+    good = frame(msgpack.packb(GOOD, use_bin_type=True))
+    with bounded_memory() as run:
+
+        @FUZZ
+        @given(
+            st.one_of(st.binary(max_size=200), mutations(good), st.binary(max_size=200).map(frame))
+        )
+        def case(data: bytes) -> None:
+            COUNTS["fuzz cases: manifest frame"] += 1
+            run(
+                lambda: only_checkpoint_errors(
+                    lambda: fmt.decode_framed(data, MANIFEST_MAGIC, "fuzz")
+                )
+            )
+
+        case()
+
+
+def test_fuzz_read_manifest_and_load() -> None:
+    """A manifest with a valid frame but hostile content, through read_manifest and a full
+    load of the folder (the data file of the good checkpoint sits beside it)."""
+    store = open_store(f"memory://hostile-{uuid.uuid4().hex[:8]}")
+    checkpointer.save(store.url_of("c"), {"x": np.arange(4.0), "y": [1, "s", None, (b"b",)]})
+    with bounded_memory() as run:
+
+        @settings(FUZZ, max_examples=1000)
+        @given(manifest_like())
+        def case(obj: Any) -> None:
+            COUNTS["fuzz cases: manifest content + full load"] += 1
+            try:
+                body = msgpack.packb(obj, use_bin_type=True)
+            except (ValueError, TypeError, OverflowError):
+                return
+            store.put_bytes(f"c/{fmt.MANIFEST_NAME}", frame(body))
+            run(lambda: only_checkpoint_errors(lambda: load_checkpoint(store, "c")))
+
+        case()
