@@ -94,6 +94,9 @@ def array_to_tensor(array: np.ndarray, *, copy: bool) -> torch.Tensor:
         array = array.astype(array.dtype.newbyteorder("="))
     if copy:
         array = np.array(array, copy=True, order="K")
+    if array.size == 0:  # numpy gives some empty arrays zero strides, which torch views reject
+        tensor = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(1, array.dtype)).dtype)
+        return tensor.view(via[1]) if via is not None else tensor
     with warnings.catch_warnings():
         # A read-only array (a memory-mapped checkpoint) is fine when the tensor is only read.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -27,6 +27,7 @@ from .errors import (
     StorageError,
 )
 from .info import Checkpoint, CheckpointInfo
+from .lazy import CheckpointReader, LazyTensor, open
 from .manager import CheckpointManager, CheckpointWarning
 
 __all__ = [
@@ -36,6 +37,9 @@ __all__ = [
     "CheckpointWarning",
     "save",
     "load",
+    "open",
+    "CheckpointReader",
+    "LazyTensor",
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConfigurationError",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -90,7 +91,11 @@ class AsyncWriter:
             self._executor = _new_executor()
             self._closed = False
         self.pending_seq, self.pending_record = seq, record
-        self._future = self._executor.submit(_logged, record.name, job)
+        try:
+            self._future = self._executor.submit(_logged, record.name, job)
+        except RuntimeError:  # the interpreter is shutting down: save in this thread
+            self.pending_record = None
+            job()
 
     def raise_error(self) -> None:
         """Raise the error of a finished background save, if any (once)."""
@@ -126,6 +131,8 @@ def _new_executor() -> ThreadPoolExecutor:
 def _lower_priority() -> None:
     """Nice the writer thread a little (Linux: per thread), so that on a machine without a
     spare core the training loop keeps the CPU and the save takes what is left."""
+    if not sys.platform.startswith("linux"):  # elsewhere a thread id is not a pid
+        return
     with contextlib.suppress(AttributeError, OSError):
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
@@ -141,5 +148,10 @@ def _logged(name: str, job: Callable[[], Any]) -> Any:
     try:
         return job()
     except BaseException as exc:
-        log.error("background save of %s failed: %s: %s", name, type(exc).__name__, exc)
+        log.error(
+            "background save of %s failed (raised again by the next call): %s: %s",
+            name,
+            type(exc).__name__,
+            exc,
+        )
         raise

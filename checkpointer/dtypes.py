@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import ml_dtypes
 import numpy as np
 
@@ -31,6 +33,7 @@ SAFETENSORS_TO_NUMPY: dict[str, np.dtype] = {
 _BY_NAME: dict[str, str] = {dt.name: code for code, dt in SAFETENSORS_TO_NUMPY.items()}
 
 
+@functools.lru_cache(maxsize=256)
 def numpy_to_safetensors(dtype: np.dtype) -> str | None:
     """The safetensors name of ``dtype``, or ``None`` when it is not allow-listed."""
     return _BY_NAME.get(dtype.name) if dtype.fields is None else None

@@ -178,11 +178,13 @@ class HeaderEntry:
 
 def _pairs_no_dupes(where: str) -> Any:
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise DuplicateKeyError(f"{where}: key {k!r:.80} appears twice in the header")
-            out[k] = v
+        out = dict(pairs)  # in C; only a lost key means a duplicate worth looking for
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen:
+                    raise DuplicateKeyError(f"{where}: key {k!r:.80} appears twice in the header")
+                seen.add(k)
         return out
     return hook
 
@@ -330,7 +332,7 @@ def _read_run(f: BinaryIO, run: list[HeaderEntry], buf: memoryview, piped: bool,
             key = next(e.key for e in run if e.end > run[0].begin + got)
             raise TruncatedFileError(f"{where}: tensor {key!r:.80} is cut short")
         if piped:
-            chain = _crc_pool().submit(_crc_after, chain, buf[got:got + n])
+            chain = _chain_crc(chain, buf[got:got + n])
         got += n
     return chain
 
@@ -356,6 +358,15 @@ if hasattr(os, "register_at_fork"):  # a forked child has no helper thread: star
 
 def _crc_after(prev: Future[int] | None, chunk: memoryview) -> int:
     return crc32c(chunk, 0 if prev is None else prev.result())
+
+
+def _chain_crc(prev: Future[int] | None, chunk: memoryview) -> Future[int]:
+    try:
+        return _crc_pool().submit(_crc_after, prev, chunk)
+    except RuntimeError:  # the interpreter is shutting down: no new work for threads
+        done: Future[int] = Future()
+        done.set_result(_crc_after(prev, chunk))
+        return done
 
 
 def encode_framed(magic: bytes, obj: Any) -> bytes:

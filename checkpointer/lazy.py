@@ -140,7 +140,11 @@ class CheckpointReader:
         if dtype is None:
             raise UnsupportedDtypeError(f"{where}: tensor {key!r:.80} has dtype {t[2]!r:.20}")
         shape, begin, end = t[3], t[4], t[5]
-        if len(shape) > fmt.MAX_NDIM or any(d < 0 for d in shape):
+        if (
+            len(shape) > fmt.MAX_NDIM
+            or any(d < 0 for d in shape)
+            or math.prod(d for d in shape if d) * dtype.itemsize >= 2**62
+        ):  # numpy refuses
             raise ManifestError(f"{where}: tensor {key!r:.80} has an invalid shape")
         nbytes = self._files[t[1]][0]
         if not 8 <= begin <= end <= nbytes or math.prod(shape) * dtype.itemsize != end - begin:

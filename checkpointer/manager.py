@@ -98,6 +98,7 @@ class CheckpointManager:
         self._store = open_store(directory, storage_options, filesystem)
         self._protected: set[str] = set()
         self._started = clock()
+        self._last_started = self._started
         self._async = AsyncWriter() if async_save else None
         self._coord = coordinator if coordinator is not None else detect_coordinator()
         self._entries: list[Entry] = []
@@ -141,8 +142,9 @@ class CheckpointManager:
     @property
     def best(self) -> CheckpointInfo | None:
         """The best ranked checkpoint by the monitor (``None`` without a monitor or ranking)."""
-        rec = best_record(self._records(), self._monitor)
-        return next(e.info for e in self._entries if e.info.name == rec.name) if rec else None
+        entries = self._entries  # one snapshot: a background save may replace the list
+        rec = best_record(self._records(entries), self._monitor)
+        return next((e.info for e in entries if e.info.name == rec.name), None) if rec else None
 
     # -- save points ----------------------------------------------------------------
 
@@ -245,6 +247,9 @@ class CheckpointManager:
             lambda: self._encode_entries(self._entries))
 
     def _execute(self, plan: dict[str, Any], state: Any) -> CheckpointInfo:
+        """Write now, or snapshot and write in the background (the info returned then has
+        ``nbytes=0``; ``latest`` carries the size once it has committed)."""
+        self._last_started = plan["time"]
         skeleton, arrays = flatten(resolve_state(state))
         if self._async is None:
             return self._write_and_commit(plan, skeleton, arrays)
@@ -363,8 +368,9 @@ class CheckpointManager:
         except MetricError:
             return None
 
-    def _records(self) -> list[Record]:
-        return [Record(e.info.name, e.seq, self._score_of(e), e.managed) for e in self._entries]
+    def _records(self, entries: list[Entry] | None = None) -> list[Record]:
+        return [Record(e.info.name, e.seq, self._score_of(e), e.managed)
+                for e in (self._entries if entries is None else entries)]
 
     def _best_score(self) -> float | None:
         records = self._records()
@@ -374,7 +380,8 @@ class CheckpointManager:
         return rec.score if rec else None
 
     def _since(self) -> float:
-        return max([self._started] + [e.info.time for e in self._entries])
+        """When the last save started (an in-flight one included), or the run started."""
+        return max([self._started, self._last_started] + [e.info.time for e in self._entries])
 
     def _raise_background_error(self) -> None:
         if self._async is not None:

@@ -96,9 +96,13 @@ class _LocalWriter:
         overlaps the disk wait; :meth:`close` joins it, raises its error, and syncs again
         (cheap: only what was written since)."""
         self._flush()
-        self._sync = threading.Thread(target=self._fsync_to, args=(self._sync_errors,),
-                                      name="checkpointer-fsync", daemon=True)
-        self._sync.start()
+        sync = threading.Thread(target=self._fsync_to, args=(self._sync_errors,),
+                                name="checkpointer-fsync", daemon=True)
+        try:
+            sync.start()
+        except RuntimeError:  # no new threads at interpreter shutdown: close() syncs
+            return
+        self._sync = sync
 
     def _fsync_to(self, errors: list[BaseException]) -> None:
         try:

@@ -84,6 +84,7 @@ def test_file_checksum_chains_header_and_tensor_crcs(tmp_path: Path) -> None:
         assert fmt.crc32c(blob[x[4] : x[5]]) == x[6]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_load_in_a_forked_child_after_the_helper_started(
     tmp_path: Path, small_pipeline: None
 ) -> None:
@@ -132,3 +133,35 @@ def test_writer_syncs_again_after_late_writes(
     w.close()
     assert (tmp_path / "f").read_bytes() == b"abcdef"
     assert len(synced) == 2
+
+
+_ATEXIT = """
+import atexit, sys
+import numpy as np
+import checkpointer
+from checkpointer import format as fmt
+fmt._PIPELINE, fmt._PIPE_CHUNK = 1 << 16, 1 << 14
+checkpointer.save(sys.argv[1], {"w": np.arange(100_000, dtype=np.float32)})
+checkpointer.load(sys.argv[1])  # the helper thread exists before shutdown
+
+def at_exit():  # runs after concurrent.futures refuses new work
+    checkpointer.save(sys.argv[1], {"w": np.arange(100_000, dtype=np.float32)})
+    back = checkpointer.load(sys.argv[1])
+    print("ok" if back["w"][-1] == 99_999 else "bad", flush=True)
+
+atexit.register(at_exit)
+"""
+
+
+def test_save_and_load_from_an_atexit_handler(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _ATEXIT, str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok", out.stderr

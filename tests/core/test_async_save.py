@@ -254,7 +254,9 @@ def test_manager_usable_after_close(tmp_path: Any) -> None:
     assert [c.step for c in mgr.checkpoints] == [1, 2]
 
 
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread niceness is Linux-only")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="per-thread niceness is Linux-only"
+)
 def test_writer_thread_is_niced(tmp_path: Any) -> None:
     from checkpointer import async_save
 
@@ -266,3 +268,27 @@ def test_writer_thread_is_niced(tmp_path: Any) -> None:
         mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         theirs = os.getpriority(os.PRIO_PROCESS, workers[0].native_id)
         assert theirs == min(19, mine + async_save.NICE)
+
+
+_ATEXIT_SAVE = textwrap.dedent("""
+    import atexit, sys
+    import numpy as np
+    from checkpointer import CheckpointManager
+
+    mgr = CheckpointManager(sys.argv[1], async_save=True)
+    mgr.save({"w": np.zeros(3)}, step=1)
+    atexit.register(lambda: mgr.save({"w": np.ones(3)}, step=2))  # after executors shut down
+""")
+
+
+def test_async_save_from_an_atexit_handler_still_saves(tmp_path: Any) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _ATEXIT_SAVE, str(tmp_path / "ck")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    mgr = CheckpointManager(tmp_path / "ck")
+    assert [c.step for c in mgr.checkpoints] == [1, 2]
+    assert mgr.restore("latest").state["w"].tolist() == [1.0, 1.0, 1.0]

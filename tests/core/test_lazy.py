@@ -108,6 +108,18 @@ def test_hostile_manifest_range_refused_before_allocation(ckpt: Path) -> None:
             t[3] = [1 << 40, 1 << 20]
             t[5] = t[4] + (1 << 62)
     (ckpt / fmt.MANIFEST_NAME).write_bytes(fmt.encode_framed(MANIFEST_MAGIC, m))
+    with ck_open(ckpt) as r, pytest.raises(errors.CorruptCheckpointError):
+        r.tensor("model/w")
+    for t in m["tensors"]:
+        if t[0] == "model/w":
+            t[3], t[5] = [0, 1 << 62], t[4]  # zero bytes, yet a shape numpy refuses
+    (ckpt / fmt.MANIFEST_NAME).write_bytes(fmt.encode_framed(MANIFEST_MAGIC, m))
+    with ck_open(ckpt) as r, pytest.raises(errors.CorruptCheckpointError):
+        r.tensor("model/w")
+    for t in m["tensors"]:
+        if t[0] == "model/w":
+            t[3], t[4], t[5] = [64, 32], 1 << 30, (1 << 30) + 8192  # beyond the end of the file
+    (ckpt / fmt.MANIFEST_NAME).write_bytes(fmt.encode_framed(MANIFEST_MAGIC, m))
     with ck_open(ckpt) as r, pytest.raises(errors.InvalidOffsetsError):
         r.tensor("model/w")
 
