@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from . import commit
+from . import commit, reader
 from .errors import StateTreeError
 from .info import CheckpointInfo
 from .naming import check_name
@@ -47,7 +47,7 @@ def load_with_manifest(url: str | os.PathLike[str], *, verify: bool = True,
                        storage_options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """``(state, manifest)`` of the checkpoint folder ``url``."""
     parent, name = split_url(os.fspath(url))
-    return commit.load_checkpoint(open_store(parent, storage_options), name, verify=verify)
+    return reader.load_checkpoint(open_store(parent, storage_options), name, verify=verify)
 
 
 def load(url: str | os.PathLike[str], *, verify: bool = True,
@@ -65,6 +65,6 @@ def load(url: str | os.PathLike[str], *, verify: bool = True,
 def read_metadata(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> Any:
     """The user metadata stored with :func:`save` (``None`` when there is none)."""
     parent, name = split_url(os.fspath(url))
-    manifest = commit.read_manifest(open_store(parent, storage_options), name)
+    manifest = reader.read_manifest(open_store(parent, storage_options), name)
     meta = manifest.get("metadata")
     return None if meta is None else unflatten(meta, {})

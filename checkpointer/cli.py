@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, commit
+from . import __version__, reader
 from .errors import CheckpointError
 from .format import MANIFEST_NAME
 from .index import load_entries, read_index_meta
@@ -67,7 +67,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     parent, name = split_url(args.checkpoint)
     store = open_store(parent)
-    m = commit.read_manifest(store, name)
+    m = reader.read_manifest(store, name)
     print(f"checkpoint  {store.url_of(name)}")
     for key in ("library", "step", "epoch", "time"):
         print(f"{key:<11} {m.get(key)}")
@@ -97,7 +97,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     failed = 0
     for store, name in stores:
         try:
-            commit.load_checkpoint(store, name, verify=True)
+            reader.load_checkpoint(store, name, verify=True)
             print(f"ok      {store.url_of(name)}")
         except CheckpointError as exc:
             failed += 1

@@ -29,27 +29,18 @@ from . import format as fmt
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
-    ChecksumMismatchError,
-    DuplicateKeyError,
-    ManifestError,
     StorageError,
-    TrailingDataError,
-    TruncatedFileError,
 )
+from .reader import MANIFEST_MAGIC, load_checkpoint, read_manifest
 from .sharding import (
-    ShardSpec,
     merge_shards,
-    pieces_needed,
-    resolve_pieces,
     split_pieces,
-    validate_shards,
 )
 from .storage import Store
 
 __all__ = ["write_checkpoint", "read_manifest", "load_checkpoint", "cleanup", "new_owner",
            "MANIFEST_MAGIC", "TMP_PREFIX", "OLD_PREFIX", "DEFAULT_MAX_FILE_BYTES"]
 
-MANIFEST_MAGIC = b"CKPTMAN1"
 TMP_PREFIX = ".ckpt-tmp-"
 OLD_PREFIX = ".ckpt-old-"
 DEFAULT_MAX_FILE_BYTES = 4 << 30
@@ -279,100 +270,6 @@ def _write_object_store(store: Store, name: str, work: _Work, owner: str) -> int
             with contextlib.suppress(CheckpointError):
                 store.remove_file(f"{name}/{old}")
     return nbytes
-
-
-_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "format": str, "version": int, "tree": list, "files": list, "tensors": list,
-}
-
-
-def read_manifest(store: Store, name: str) -> dict[str, Any]:
-    """Decode and validate ``name``'s manifest (not its data files)."""
-    where = store.url_of(f"{name}/{fmt.MANIFEST_NAME}")
-    try:
-        size = store.size(f"{name}/{fmt.MANIFEST_NAME}")
-    except CheckpointNotFoundError:
-        raise CheckpointNotFoundError(f"{store.url_of(name)} is not a checkpoint (no manifest)") from None
-    if size > fmt.MAX_MANIFEST_BYTES + 64:
-        raise ManifestError(f"{where}: {size} bytes, over the cap of {fmt.MAX_MANIFEST_BYTES}")
-    m = fmt.decode_framed(store.read_bytes(f"{name}/{fmt.MANIFEST_NAME}"), MANIFEST_MAGIC, where)
-    if not isinstance(m, dict) or any(not isinstance(m.get(k), t) for k, t in _MANIFEST_FIELDS.items()):
-        raise ManifestError(f"{where}: required fields missing or of the wrong type")
-    if m["format"] != "checkpointer" or m["version"] != fmt.FORMAT_VERSION:
-        raise ManifestError(f"{where}: format {m['format']!r} version {m['version']!r} is not supported")
-    names = set()
-    for f in m["files"]:
-        if not (isinstance(f, list) and len(f) == 3 and all(type(x) is int for x in f[1:])):
-            raise ManifestError(f"{where}: file entry {f!r:.80} is malformed")
-        fmt.check_file_name(f[0], where)
-        if f[0] in names or f[0] == fmt.MANIFEST_NAME:
-            raise DuplicateKeyError(f"{where}: file {f[0]!r} listed twice")
-        names.add(f[0])
-    keys = set()
-    for t in m["tensors"]:
-        if not (isinstance(t, list) and len(t) == 7 and isinstance(t[0], str) and t[1] in names
-                and isinstance(t[2], str) and isinstance(t[3], list)
-                and all(type(x) is int for x in (*t[3], *t[4:]))):
-            raise ManifestError(f"{where}: tensor entry {t!r:.80} is malformed")
-        if t[0] in keys:
-            raise DuplicateKeyError(f"{where}: tensor {t[0]!r:.80} listed twice")
-        keys.add(t[0])
-    if "shards" in m:
-        validate_shards(m, where)
-    return m
-
-
-def load_checkpoint(store: Store, name: str, *, verify: bool = True,
-                    specs: dict[str, ShardSpec] | None = None) -> tuple[Any, dict[str, Any]]:
-    """Read checkpoint ``name``: ``(tree, manifest)``. Verifies every checksum unless told not to.
-
-    Sharded arrays come back whole, except those whose tree key is in ``specs``: those come
-    back as :class:`~checkpointer.sharding.ShardedArray` holding just the requested boxes,
-    and only the stored pieces overlapping them are read.
-    """
-    from .tree import unflatten
-
-    manifest = read_manifest(store, name)
-    wanted = pieces_needed(manifest, specs or {})
-    by_file: dict[str, dict[str, list[Any]]] = {f[0]: {} for f in manifest["files"]}
-    for t in manifest["tensors"]:
-        by_file[t[1]][t[0]] = t
-    arrays: dict[str, Any] = {}
-    for fname, nbytes, crc in manifest["files"]:
-        if wanted is None or wanted & by_file[fname].keys():
-            arrays.update(_load_file(store, f"{name}/{fname}", nbytes, crc, by_file[fname], verify, wanted))
-    arrays = resolve_pieces(manifest, arrays, specs or {})
-    try:
-        return unflatten(manifest["tree"], arrays), manifest
-    except ManifestError as exc:
-        raise ManifestError(f"{store.url_of(name)}/{fmt.MANIFEST_NAME}: {exc}") from None
-
-
-def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str, list[Any]],
-               verify: bool, wanted: set[str] | None = None) -> dict[str, np.ndarray]:
-    where = store.url_of(rel)
-    try:
-        size = store.size(rel)
-    except CheckpointNotFoundError:
-        raise ManifestError(f"{where}: data file named by the manifest is missing") from None
-    if size < nbytes:
-        raise TruncatedFileError(f"{where}: {size} bytes, the manifest says {nbytes}")
-    if size > nbytes:
-        raise TrailingDataError(f"{where}: {size} bytes, the manifest says {nbytes}")
-    with store.open_read(rel) as f:
-        entries, head_crc = fmt.read_header(f, size, where)
-        got = {e.key: [e.code, list(e.shape), e.begin, e.end] for e in entries}
-        want = {k: [t[2], t[3], t[4], t[5]] for k, t in expected.items()}
-        if got != want:
-            raise ManifestError(f"{where}: tensors in the file disagree with the manifest")
-        crcs = {k: t[6] for k, t in expected.items()} if verify else None
-        if wanted is not None and not expected.keys() <= wanted:
-            entries = [e for e in entries if e.key in wanted]
-            return fmt.read_tensors(f, entries, crcs, where, head_crc)[0]
-        arrays, file_crc = fmt.read_tensors(f, entries, crcs, where, head_crc)
-    if verify and file_crc != crc:
-        raise ChecksumMismatchError(f"{where}: file checksum does not match")
-    return arrays
 
 
 def _owner_of(entry: str, prefix: str) -> tuple[str, str] | None:

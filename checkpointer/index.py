@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import format as fmt
-from .commit import read_manifest
 from .errors import CheckpointError
 from .info import CheckpointInfo
+from .reader import read_manifest
 from .storage import Store
 
 __all__ = ["Entry", "INDEX_NAME", "load_entries", "write_index", "entry_from_manifest",

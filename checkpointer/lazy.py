@@ -24,8 +24,8 @@ from typing import Any, BinaryIO, cast
 
 import numpy as np
 
-from . import commit
 from . import format as fmt
+from . import reader
 from .dtypes import safetensors_to_numpy
 from .errors import (
     CheckpointError,
@@ -74,7 +74,7 @@ class CheckpointReader:
 
     def __init__(self, store: Store, name: str) -> None:
         self._store, self.name = store, name
-        self.manifest: dict[str, Any] = commit.read_manifest(store, name)
+        self.manifest: dict[str, Any] = reader.read_manifest(store, name)
         self._files: dict[str, tuple[int, int]] = {
             f[0]: (f[1], f[2]) for f in self.manifest["files"]
         }
@@ -125,7 +125,7 @@ class CheckpointReader:
         """The whole state tree: eager (every file read and verified, as ``load``), or with
         :class:`LazyTensor` leaves when ``lazy``."""
         if not lazy:
-            return commit.load_checkpoint(self._store, self.name, verify=verify)[0]
+            return reader.load_checkpoint(self._store, self.name, verify=verify)[0]
         if "shards" in self.manifest:
             raise CheckpointError(
                 f"{self.url}: a sharded checkpoint has no lazy state; use state()"

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import collective, commit
+from . import collective, commit, reader
 from .async_save import AsyncWriter
 from .distributed import Coordinator, detect_coordinator, run_on_primary
 from .errors import (
@@ -325,7 +325,7 @@ class CheckpointManager:
         for entry in candidates:
             error: BaseException | None = None
             try:
-                tree, _ = commit.load_checkpoint(self._store, entry.info.name, verify=verify, specs=specs)
+                tree, _ = reader.load_checkpoint(self._store, entry.info.name, verify=verify, specs=specs)
             except (CheckpointError, OSError) as exc:
                 error = exc
             if self._coord.world_size > 1:
