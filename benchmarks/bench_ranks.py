@@ -38,6 +38,8 @@ def worker(directory: str, mib: int, rounds: int, out: str) -> None:
     rows = mib * 1024 * 1024 // 4 // 1024
     table = distribute_tensor(torch.ones(rows, 1024), mesh, [Shard(0)])
     local = table.to_local().numpy()
+    # keep_last=1: disk blocks are recycled as for the raw rewrite (fresh blocks of a thin
+    # virtual disk are much slower to write); deleting the previous checkpoint is timed
     mgr = CheckpointManager(directory, keep_last=1)
     raw_path = os.path.join(directory, f"raw-{rank}.bin")
     times: dict[str, list[float]] = {"checkpointer": [], "raw": []}
