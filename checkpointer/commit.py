@@ -31,6 +31,7 @@ from .errors import (
     CheckpointNotFoundError,
     StorageError,
 )
+from .gcpause import without_gc
 from .reader import MANIFEST_MAGIC, load_checkpoint, read_manifest
 from .sharding import (
     merge_shards,
@@ -113,6 +114,7 @@ def _plan(arrays: Sequence[tuple[str, np.ndarray]], max_file_bytes: int) -> list
     return groups
 
 
+@without_gc
 def write_checkpoint(
     store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, Any]],
     fields: dict[str, Any], *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,

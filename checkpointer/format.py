@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, NamedTuple, Protocol
 
 import crc32c as _crc
 import msgpack
@@ -166,8 +166,9 @@ def write_safetensors(
     return FileRecord(file_name, base + offset, crc32c(crcs, crc32c(head))), tensors
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
+class HeaderEntry(NamedTuple):
+    """One tensor of a parsed header (a NamedTuple: thousands are built per file)."""
+
     key: str
     dtype: np.dtype
     code: str
@@ -237,26 +238,40 @@ def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEnt
     return entries, crc32c(raw, crc32c(prefix))
 
 
+_LIMIT = 1 << 62
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+
+
+def _small_ints(xs: Any) -> bool:
+    """A list of ints in [0, 2**62): the only shapes and offsets a header may hold."""
+    if type(xs) is not list:
+        return False
+    for x in xs:
+        if type(x) is not int or not 0 <= x < _LIMIT:
+            return False
+    return True
+
+
 def _header_entry(key: str, info: Any, base: int, where: str) -> HeaderEntry:
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+    if type(info) is not dict or info.keys() != _ENTRY_KEYS:
         raise HeaderError(f"{where}: tensor {key!r:.80} entry is malformed")
-    dtype = safetensors_to_numpy(info["dtype"])
+    code = info["dtype"]
+    dtype = safetensors_to_numpy(code)
     if dtype is None:
-        raise UnsupportedDtypeError(f"{where}: tensor {key!r:.80} has dtype {info['dtype']!r:.20}")
+        raise UnsupportedDtypeError(f"{where}: tensor {key!r:.80} has dtype {code!r:.20}")
     shape, offs = info["shape"], info["data_offsets"]
-    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-            or not all(type(d) is int and 0 <= d < 2**62 for d in shape)):
+    if not _small_ints(shape) or len(shape) > MAX_NDIM:
         raise HeaderError(f"{where}: tensor {key!r:.80} has an invalid shape {shape!r:.80}")
-    if (not isinstance(offs, list) or len(offs) != 2
-            or not all(type(o) is int and 0 <= o < 2**62 for o in offs) or offs[0] > offs[1]):
+    if not _small_ints(offs) or len(offs) != 2 or offs[0] > offs[1]:
         raise InvalidOffsetsError(f"{where}: tensor {key!r:.80} has invalid offsets {offs!r:.80}")
-    if math.prod(d for d in shape if d) * dtype.itemsize >= 2**62:  # numpy refuses such shapes
+    size = math.prod(shape)
+    if not size and math.prod(d for d in shape if d) * dtype.itemsize >= _LIMIT:
         raise HeaderError(f"{where}: tensor {key!r:.80} has an impossible shape {shape!r:.80}")
-    if math.prod(shape) * dtype.itemsize != offs[1] - offs[0]:
+    if size * dtype.itemsize != offs[1] - offs[0]:
         raise InvalidOffsetsError(
             f"{where}: tensor {key!r:.80} spans {offs[1] - offs[0]} bytes but its shape and "
-            f"dtype need {math.prod(shape) * dtype.itemsize}")
-    return HeaderEntry(key, dtype, info["dtype"], tuple(shape), base + offs[0], base + offs[1])
+            f"dtype need {size * dtype.itemsize}")
+    return HeaderEntry(key, dtype, code, tuple(shape), base + offs[0], base + offs[1])
 
 
 def read_tensors(
@@ -294,11 +309,14 @@ def read_tensors(
             crcs.append((run[0].key, chain))
         elif expected_crc is not None:
             crcs += [(e.key, crc32c(buf[e.begin - start:e.end - start])) for e in run]
+    chained = []
     for key, c in crcs:
         t_crc = c if isinstance(c, int) else c.result()
         if t_crc != expected_crc[key]:  # type: ignore[index]
             raise ChecksumMismatchError(f"{where}: tensor {key!r:.80} fails its crc32c checksum")
-        file_crc = crc32c(t_crc.to_bytes(4, "little"), file_crc)
+        chained.append(t_crc)
+    if chained:  # the same chain as one crc32c call per tensor, in one call
+        file_crc = crc32c(struct.pack(f"<{len(chained)}I", *chained), file_crc)
     return out, file_crc
 
 

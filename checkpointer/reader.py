@@ -20,6 +20,7 @@ from .errors import (
     TrailingDataError,
     TruncatedFileError,
 )
+from .gcpause import without_gc
 from .sharding import ShardSpec, pieces_needed, resolve_pieces, validate_shards
 from .storage import Store
 
@@ -30,6 +31,15 @@ MANIFEST_MAGIC = b"CKPTMAN1"
 _MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "format": str, "version": int, "tree": list, "files": list, "tensors": list,
 }
+
+
+def _ints(xs: Any) -> bool:
+    if type(xs) is not list:
+        return False
+    for x in xs:
+        if type(x) is not int:
+            return False
+    return True
 
 
 def read_manifest(store: Store, name: str) -> dict[str, Any]:
@@ -56,9 +66,9 @@ def read_manifest(store: Store, name: str) -> dict[str, Any]:
         names.add(f[0])
     keys = set()
     for t in m["tensors"]:
-        if not (isinstance(t, list) and len(t) == 7 and isinstance(t[0], str) and t[1] in names
-                and isinstance(t[2], str) and isinstance(t[3], list)
-                and all(type(x) is int for x in (*t[3], *t[4:]))):
+        if not (type(t) is list and len(t) == 7 and type(t[0]) is str and t[1] in names
+                and type(t[2]) is str and _ints(t[3]) and type(t[4]) is int and type(t[5]) is int
+                and type(t[6]) is int):
             raise ManifestError(f"{where}: tensor entry {t!r:.80} is malformed")
         if t[0] in keys:
             raise DuplicateKeyError(f"{where}: tensor {t[0]!r:.80} listed twice")
@@ -68,6 +78,7 @@ def read_manifest(store: Store, name: str) -> dict[str, Any]:
     return m
 
 
+@without_gc
 def load_checkpoint(store: Store, name: str, *, verify: bool = True,
                     specs: dict[str, ShardSpec] | None = None) -> tuple[Any, dict[str, Any]]:
     """Read checkpoint ``name``: ``(tree, manifest)``. Verifies every checksum unless told not to.
@@ -107,9 +118,9 @@ def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str
         raise TrailingDataError(f"{where}: {size} bytes, the manifest says {nbytes}")
     with store.open_read(rel) as f:
         entries, head_crc = fmt.read_header(f, size, where)
-        got = {e.key: [e.code, list(e.shape), e.begin, e.end] for e in entries}
-        want = {k: [t[2], t[3], t[4], t[5]] for k, t in expected.items()}
-        if got != want:
+        if len(entries) != len(expected) or any(
+                (t := expected.get(e.key)) is None or t[2] != e.code or t[4] != e.begin
+                or t[5] != e.end or t[3] != list(e.shape) for e in entries):
             raise ManifestError(f"{where}: tensors in the file disagree with the manifest")
         crcs = {k: t[6] for k, t in expected.items()} if verify else None
         if wanted is not None and not expected.keys() <= wanted:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .dtypes import numpy_to_safetensors, safetensors_to_numpy
 from .errors import ManifestError, StateTreeError
+from .gcpause import without_gc
 from .sharding import ShardedArray
 
 __all__ = ["flatten", "unflatten", "path_key", "MAX_DEPTH", "resolve_state"]
@@ -44,6 +45,7 @@ def resolve_state(state: Any) -> Any:
     return state() if callable(state) and not isinstance(state, (np.ndarray, np.generic)) else state
 
 
+@without_gc
 def flatten(tree: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
     """Split ``tree`` into its skeleton and ``[(key, array), ...]`` in tree order.
 
