@@ -34,13 +34,15 @@ class Entry:
     info: CheckpointInfo
     seq: int
     managed: bool
+    stamp: str = ""  # identity of the manifest file (see Store.stamp); "" when unknown
 
 
 def _num(x: Any) -> int | None:
     return x if type(x) is int else None
 
 
-def entry_from_manifest(store: Store, name: str, m: dict[str, Any], manifest_bytes: int) -> Entry:
+def entry_from_manifest(store: Store, name: str, m: dict[str, Any], manifest_bytes: int,
+                        stamp: str = "") -> Entry:
     metrics = m.get("metrics")
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))} \
         if isinstance(metrics, dict) else {}
@@ -50,22 +52,23 @@ def entry_from_manifest(store: Store, name: str, m: dict[str, Any], manifest_byt
         metrics=metrics, time=float(t) if isinstance(t, (int, float)) and math.isfinite(t) else 0.0,
         nbytes=sum(int(f[1]) for f in m["files"]) + manifest_bytes)
     seq = _num(m.get("seq"))
-    return Entry(info, seq if seq is not None else -1, bool(m.get("managed", False)))
+    return Entry(info, seq if seq is not None else -1, bool(m.get("managed", False)), stamp)
 
 
 def encode_entry(e: Entry) -> list[Any]:
     i = e.info
-    return [i.name, i.step, i.epoch, i.metrics, i.time, i.nbytes, e.seq, e.managed]
+    return [i.name, i.step, i.epoch, i.metrics, i.time, i.nbytes, e.seq, e.managed, e.stamp]
 
 
 def decode_entry(store: Store, row: Any) -> Entry | None:
-    if not (isinstance(row, list) and len(row) == 8 and isinstance(row[0], str)
+    if not (isinstance(row, list) and len(row) in (8, 9) and isinstance(row[0], str)
             and isinstance(row[3], dict) and isinstance(row[4], float) and type(row[5]) is int
             and type(row[6]) is int):
         return None
     info = CheckpointInfo(row[0], store.url_of(row[0]), _num(row[1]), _num(row[2]),
                           dict(row[3]), row[4], row[5])
-    return Entry(info, row[6], bool(row[7]))
+    stamp = row[8] if len(row) == 9 and isinstance(row[8], str) else ""
+    return Entry(info, row[6], bool(row[7]), stamp)
 
 
 def write_index(store: Store, entries: list[Entry], config: dict[str, Any] | None = None) -> None:
@@ -119,6 +122,13 @@ def _read_index(store: Store, listing: set[str]) -> dict[str, Entry]:
     return {e.info.name: e for e in entries}
 
 
+def _stamp(store: Store, rel: str) -> str:
+    try:
+        return store.stamp(rel)
+    except CheckpointError:  # unknown identity: the manifest itself is read instead
+        return ""
+
+
 def load_entries(store: Store, listing: list[str]) -> tuple[list[Entry], bool]:
     """Committed checkpoints, oldest first, and whether the index needs rewriting."""
     files = set(listing)
@@ -127,13 +137,21 @@ def load_entries(store: Store, listing: list[str]) -> tuple[list[Entry], bool]:
     cached = _read_index(store, files)
     out, stale = [], set(cached) != set(names)
     for name in names:
-        if name in cached:
-            out.append(cached[name])
-            continue
         try:
+            # A name can be replaced behind the index's back (another writer, a crash before
+            # the index write): a row counts only while its manifest is the same file.
+            stamp = _stamp(store, f"{name}/{fmt.MANIFEST_NAME}")
+            if name in cached and stamp and cached[name].stamp == stamp:
+                out.append(cached[name])
+                continue
+            stale = True
             size = store.size(f"{name}/{fmt.MANIFEST_NAME}")
-            out.append(entry_from_manifest(store, name, read_manifest(store, name), size))
+            out.append(entry_from_manifest(store, name, read_manifest(store, name), size, stamp))
         except CheckpointError as exc:
-            log.warning("ignoring %s: %s", store.url_of(name), exc)
+            if name in cached:  # committed, now damaged: listed, so restore warns and falls back
+                log.warning("%s no longer reads (%s)", store.url_of(name), exc)
+                out.append(cached[name])
+            else:
+                log.warning("ignoring %s: %s", store.url_of(name), exc)
     out.sort(key=lambda e: (e.seq, e.info.time, e.info.name))
     return out, stale

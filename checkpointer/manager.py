@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import collective, commit, reader
+from . import format as fmt
 from .async_save import AsyncWriter
 from .distributed import Coordinator, detect_coordinator, run_on_primary
 from .errors import (
@@ -278,7 +279,12 @@ class CheckpointManager:
         except OSError as exc:
             raise StorageError(f"save of {self._store.url_of(name)} failed: {exc}") from exc
         info = self._info(plan, nbytes)
-        self._entries = [e for e in self._entries if e.info.name != name] + [Entry(info, plan["seq"], True)]
+        try:
+            stamp = self._store.stamp(f"{name}/{fmt.MANIFEST_NAME}")
+        except CheckpointError:
+            stamp = ""  # the index row is then re-checked against the manifest on reopen
+        entry = Entry(info, plan["seq"], True, stamp)
+        self._entries = [e for e in self._entries if e.info.name != name] + [entry]
         log.info("saved %s (%d bytes)", info.url, nbytes)
         self._apply_retention()
         self._write_index_quietly()

@@ -161,6 +161,10 @@ class Store:
     def unfinished_uploads(self) -> list[tuple[str, str]]:
         """``(rel, upload_id)`` of multipart uploads left unfinished under the root."""
         return []
+
+    def stamp(self, rel: str) -> str:
+        """An identity of file ``rel`` that changes whenever it is replaced ("" if unknown)."""
+        return ""
     def abort_upload(self, rel: str, upload_id: str) -> None: raise NotImplementedError
 
 
@@ -190,6 +194,11 @@ class LocalStore(Store):
 
     def size(self, rel: str) -> int:
         return _guard(f"stat {self.path(rel)}", lambda: os.stat(self.path(rel)).st_size)
+
+    def stamp(self, rel: str) -> str:
+        """Inode, size and mtime: a replacement (always a new file, renamed in) changes it."""
+        st = _guard(f"stat {self.path(rel)}", lambda: os.stat(self.path(rel)))
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
     def exists(self, rel: str) -> bool:
         return os.path.lexists(self.path(rel))
@@ -281,6 +290,15 @@ class FsspecStore(Store):
 
     def size(self, rel: str) -> int:
         return int(_guard(f"stat {self.url_of(rel)}", lambda: self.fs.size(self.path(rel))))
+
+    def stamp(self, rel: str) -> str:
+        """The object's ETag (S3), md5/generation (GCS), else its size and time."""
+        info = _guard(f"stat {self.url_of(rel)}", lambda: self.fs.info(self.path(rel)))
+        for key in ("ETag", "etag", "generation", "md5Hash"):
+            if info.get(key):
+                return f"{key}:{info[key]}"
+        when = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+        return f"{info.get('size')}:{when}" if when else ""
 
     def exists(self, rel: str) -> bool:
         return bool(_guard(f"checking {self.url_of(rel)}", lambda: self.fs.exists(self.path(rel))))

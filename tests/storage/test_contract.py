@@ -292,3 +292,16 @@ def test_index_stale_for_a_replaced_name(backend: Any, monkeypatch: pytest.Monke
     assert again.best is not None and again.best.metrics == {"val_loss": 0.2}
     assert again.epoch_end(3, _state(3.0), metrics={"val_loss": 0.3}) is None
     assert _value(again.restore("best").state) == 2.0
+
+
+def test_index_row_of_a_name_replaced_by_another_writer_is_not_believed(backend: Any) -> None:
+    a = CheckpointManager(backend.url, monitor="val_loss", filename="{tag}")
+    a.save(_state(1.0), metrics={"val_loss": 0.5, "tag": "slot"})
+    b = CheckpointManager(backend.url, monitor="val_loss", filename="{tag}")
+    b.save(_state(2.0), metrics={"val_loss": 0.2, "tag": "slot"})  # replaces it behind a's back
+    a.save(_state(3.0), metrics={"val_loss": 0.9, "tag": "other"})  # a's index: slot at 0.5
+    again = CheckpointManager(backend.url, monitor="val_loss")
+    slot = next(c for c in again.checkpoints if c.name == "slot")
+    assert slot.metrics["val_loss"] == 0.2
+    assert _value(again.restore("slot").state) == 2.0
+    assert again.best is not None and again.best.name == "slot"
