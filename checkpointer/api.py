@@ -39,7 +39,7 @@ def save(url: str | os.PathLike[str], state: Any, *, metadata: Any = None,
     from . import __version__
     fields: dict[str, Any] = {"step": None, "epoch": None, "metrics": {}, "time": now, "managed": False,
               "seq": -1, "library": f"checkpointer-engine {__version__}", "metadata": meta_skeleton}
-    nbytes = commit.write_checkpoint(store, name, skeleton, arrays, fields)
+    nbytes = commit.write_checkpoint(store, name, skeleton, arrays, fields).nbytes
     return CheckpointInfo(name, store.url_of(name), None, None, {}, now, nbytes)
 
 

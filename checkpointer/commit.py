@@ -20,8 +20,8 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -114,13 +114,21 @@ def _plan(arrays: Sequence[tuple[str, np.ndarray]], max_file_bytes: int) -> list
     return groups
 
 
+class Committed(NamedTuple):
+    """What a commit reports: bytes on storage and the manifest's identity."""
+
+    nbytes: int
+    stamp: str
+
+
 @without_gc
 def write_checkpoint(
     store: Store, name: str, skeleton: Any, arrays: Sequence[tuple[str, Any]],
     fields: dict[str, Any], *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     participants: Participants | None = None,
-) -> int:
-    """Write and commit checkpoint ``name``; returns its size in bytes.
+) -> Committed:
+    """Write and commit checkpoint ``name``; returns its size in bytes and the identity of
+    its manifest file (see :meth:`Store.stamp`; "" when the store cannot tell).
 
     ``fields`` are the manifest's own entries (step, epoch, metrics, time, metadata, ...).
     ``arrays`` may hold :class:`~checkpointer.sharding.ShardedArray` values; with
@@ -132,9 +140,9 @@ def write_checkpoint(
     plain, pieces, meta = split_pieces(arrays, primary=True)
     work = _Work(skeleton, plain + pieces, meta, fields, max_file_bytes, participants)
     try:
-        if store.atomic_rename:
-            return _write_renaming(store, name, work, owner)
-        return _write_object_store(store, name, work, owner)
+        write = _write_renaming if store.atomic_rename else _write_object_store
+        nbytes = write(store, name, work, owner)
+        return Committed(nbytes, work.stamp[-1] if work.stamp else "")
     finally:
         release_owner(owner)
 
@@ -160,6 +168,7 @@ class _Work:
     fields: dict[str, Any]
     max_file_bytes: int
     participants: Participants | None
+    stamp: list[str] = field(default_factory=list)  # filled by _write_files
 
 
 def write_rank_files(store: Store, folder: str, prefix: str, arrays: Sequence[tuple[str, np.ndarray]],
@@ -195,6 +204,11 @@ def _write_files(store: Store, folder: str, prefix: str, work: _Work) -> tuple[i
     # One put: on object stores the manifest object is the commit point and must appear
     # whole or not at all (a streamed write may show a partial or empty object midway).
     store.put_bytes(f"{folder}/{fmt.MANIFEST_NAME}", blob)
+    # The manifest's identity for the index, taken before the commit makes it visible
+    # (a rename keeps inode and mtime), so it is ours even if another writer replaces the
+    # name right after; on object stores it is taken right after the put.
+    with contextlib.suppress(CheckpointError):
+        work.stamp.append(store.stamp(f"{folder}/{fmt.MANIFEST_NAME}"))
     return sum(f.nbytes for f in files) + len(blob), [f.name for f in files]
 
 

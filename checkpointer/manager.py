@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from . import collective, commit, reader
-from . import format as fmt
 from .async_save import AsyncWriter
 from .distributed import Coordinator, detect_coordinator, run_on_primary
 from .errors import (
@@ -270,20 +269,16 @@ class CheckpointManager:
                   "time": plan["time"], "managed": True, "seq": plan["seq"],
                   "library": _library_version(), "metadata": None}
         try:
-            nbytes = commit.write_checkpoint(self._store, name, skeleton, arrays, fields,
-                                             max_file_bytes=self._max_file_bytes,
-                                             participants=participants)
+            nbytes, stamp = commit.write_checkpoint(self._store, name, skeleton, arrays, fields,
+                                                    max_file_bytes=self._max_file_bytes,
+                                                    participants=participants)
         except CheckpointError as exc:
             log.error("save of %s failed: %s", self._store.url_of(name), exc)
             raise
         except OSError as exc:
             raise StorageError(f"save of {self._store.url_of(name)} failed: {exc}") from exc
         info = self._info(plan, nbytes)
-        try:
-            stamp = self._store.stamp(f"{name}/{fmt.MANIFEST_NAME}")
-        except CheckpointError:
-            stamp = ""  # the index row is then re-checked against the manifest on reopen
-        entry = Entry(info, plan["seq"], True, stamp)
+        entry = Entry(info, plan["seq"], True, stamp)  # stamp "": re-checked on reopen
         self._entries = [e for e in self._entries if e.info.name != name] + [entry]
         log.info("saved %s (%d bytes)", info.url, nbytes)
         self._apply_retention()
