@@ -117,11 +117,11 @@ def test_background_failure_surfaces_at_next_call_and_is_never_listed(
 ) -> None:
     real = commit_mod.write_checkpoint
 
-    def flaky(*args: Any, **kwargs: Any) -> int:
+    def flaky(*args: Any, **kwargs: Any) -> commit_mod.Committed:
         if args[4]["step"] == 2:
             time.sleep(0.05)
             raise StorageError("injected: disk full")
-        return int(real(*args, **kwargs))
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(commit_mod, "write_checkpoint", flaky)
     mgr = CheckpointManager(tmp_path, async_save=True, monitor="loss")
