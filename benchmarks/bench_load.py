@@ -11,7 +11,6 @@ Run alone: ``python benchmarks/bench_load.py [--large] [--rounds N]``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any
@@ -108,12 +107,7 @@ def run(large: bool = False, rounds: int = 3, only: list[str] | None = None) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--large", action="store_true", help="1 GiB states instead of 256 MiB")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--states", nargs="*", help="substrings of state names to run")
-    args = ap.parse_args()
-    print(common.table(run(args.large, args.rounds, args.states)))
+    common.state_scenario_main(__doc__, run)
 
 
 if __name__ == "__main__":

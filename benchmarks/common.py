@@ -245,3 +245,15 @@ def dump(rows: Sequence[Row], stem: str) -> None:
         json.dump([r.as_dict() for r in rows], f, indent=1)
     with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
         f.write(table(rows) + "\n")
+
+
+def state_scenario_main(doc: str | None, run: Callable[[bool, int, Sequence[str] | None], list[Row]]) -> None:
+    """Command line of a scenario over the benchmark states (``--large --rounds --states``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    ap.add_argument("--large", action="store_true", help="1 GiB states instead of 256 MiB")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--states", nargs="*", help="substrings of state names to run")
+    args = ap.parse_args()
+    print(table(run(args.large, args.rounds, args.states)))

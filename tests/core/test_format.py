@@ -12,12 +12,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from _ckpt_files import _manifest, _put_manifest, _valid
 from safetensors import safe_open
 
 import checkpointer
 from checkpointer import errors
-from checkpointer.commit import MANIFEST_MAGIC
-from checkpointer.format import MANIFEST_NAME, crc32c, decode_framed, encode_framed
+from checkpointer.format import MANIFEST_NAME, crc32c
 
 DATA = "data-00000.safetensors"
 
@@ -108,19 +108,6 @@ def test_multi_file_checkpoint_round_trips(tmp_path: Path) -> None:
 # -- hostile data files ---------------------------------------------------------------
 
 
-def _valid(tmp_path: Path) -> Path:
-    ckpt = tmp_path / "c"
-    checkpointer.save(ckpt, {"w": np.arange(4, dtype=np.float32), "meta": "x"})
-    return ckpt
-
-
-def _manifest(ckpt: Path) -> dict[str, Any]:
-    m: dict[str, Any] = decode_framed((ckpt / MANIFEST_NAME).read_bytes(), MANIFEST_MAGIC, "t")
-    return m
-
-
-def _put_manifest(ckpt: Path, m: Any) -> None:
-    (ckpt / MANIFEST_NAME).write_bytes(encode_framed(MANIFEST_MAGIC, m))
 
 
 def _install(ckpt: Path, blob: bytes) -> None:

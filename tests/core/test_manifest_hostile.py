@@ -13,28 +13,16 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from _ckpt_files import _manifest, _put_manifest, _valid
 
 import checkpointer
 from checkpointer import errors
 from checkpointer.commit import MANIFEST_MAGIC
-from checkpointer.format import MANIFEST_NAME, crc32c, decode_framed, encode_framed
+from checkpointer.format import MANIFEST_NAME, crc32c, encode_framed
 
 DATA = "data-00000.safetensors"
 
 
-def _valid(tmp_path: Path) -> Path:
-    ckpt = tmp_path / "c"
-    checkpointer.save(ckpt, {"w": np.arange(4, dtype=np.float32), "meta": "x"})
-    return ckpt
-
-
-def _manifest(ckpt: Path) -> dict[str, Any]:
-    m: dict[str, Any] = decode_framed((ckpt / MANIFEST_NAME).read_bytes(), MANIFEST_MAGIC, "t")
-    return m
-
-
-def _put_manifest(ckpt: Path, m: Any) -> None:
-    (ckpt / MANIFEST_NAME).write_bytes(encode_framed(MANIFEST_MAGIC, m))
 
 
 # -- hostile manifests -------------------------------------------------------------------

@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from _states import _data_files, _names, _state, _value
 
 import checkpointer
 from checkpointer import CheckpointManager, CheckpointWarning
@@ -22,23 +22,6 @@ from checkpointer.errors import (
     StorageError,
 )
 from checkpointer.index import INDEX_NAME
-
-
-def _state(v: float, n: int = 4) -> dict[str, Any]:
-    return {"w": [np.full(8, v, np.float32) for _ in range(n)], "v": v, "t": (int(v), "x")}
-
-
-def _value(state: dict[str, Any]) -> float:
-    return float(state["v"])
-
-
-def _names(mgr: CheckpointManager) -> list[str]:
-    return [c.name for c in mgr.checkpoints]
-
-
-def _data_files(backend: Any, name: str) -> list[str]:
-    return [f for f in backend.listdir(name) if f.endswith(".safetensors")]
-
 
 # -- restore -----------------------------------------------------------------------------------
 
