@@ -79,10 +79,7 @@ def run_on_primary(coord: Coordinator, fn: Callable[[], _T], encode: Callable[[_
     if coord.rank == 0:
         try:
             result = fn()
-        except CheckpointError as exc:
-            coord.broadcast_bytes(pack({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
-            raise
-        except BaseException as exc:
+        except BaseException as exc:  # no rank may be left waiting in the broadcast
             coord.broadcast_bytes(pack({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
             raise
         coord.broadcast_bytes(pack({"ok": True, "value": encode(result)}))
