@@ -5,6 +5,7 @@
   second DIR OUT  in fresh processes: restore, train the last 3 steps, write the final state
 """
 
+import gc
 import random
 import sys
 
@@ -23,14 +24,13 @@ rank = dist.get_rank()
 
 
 def build():
-    global net, model, opt
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)  # same init and the same dropout stream on every rank
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
                               torch.nn.Linear(16, 1))
     model = DistributedDataParallel(net)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    return net, model, torch.optim.Adam(model.parameters(), lr=0.01)
 
 
 def batch(step: int):
@@ -39,7 +39,7 @@ def batch(step: int):
     return x, x.sum(dim=1, keepdim=True)
 
 
-def train(steps):
+def train(model, opt, steps):
     for step in steps:
         x, y = batch(step)
         opt.zero_grad()
@@ -47,25 +47,28 @@ def train(steps):
         opt.step()
 
 
-def final():
-    return {**to_state({"model": net, "opt": opt}), "rng": rng_state()}
+def run():
+    net, model, opt = build()
+    if mode == "first":
+        train(model, opt, range(6))
+        if rank == 0:
+            checkpointer.save(sys.argv[2], {**to_state({"model": net, "opt": opt}), "rng": rng_state()})
+        net, model, opt = build()  # the same start again
+        train(model, opt, range(3))
+        mgr = CheckpointManager(sys.argv[3], every_n_steps=3)
+        assert mgr.step_end(3, lambda: {**to_state({"model": net, "opt": opt}), "rng": rng_state(), "step": 3})
+    else:
+        state = CheckpointManager(sys.argv[2]).restore("latest").state
+        load_state({"model": net, "opt": opt}, {"model": state["model"], "opt": state["opt"]})
+        set_rng_state(state["rng"])
+        train(model, opt, range(state["step"], 6))
+        if rank == 0:
+            checkpointer.save(sys.argv[3], {**to_state({"model": net, "opt": opt}), "rng": rng_state()})
 
 
-build()
-if mode == "first":
-    train(range(6))
-    if rank == 0:
-        checkpointer.save(sys.argv[2], final())
-    build()
-    train(range(3))
-    mgr = CheckpointManager(sys.argv[3], every_n_steps=3)
-    assert mgr.step_end(3, lambda: {**to_state({"model": net, "opt": opt}), "rng": rng_state(), "step": 3})
-else:
-    state = CheckpointManager(sys.argv[2]).restore("latest").state
-    load_state({"model": net, "opt": opt}, {"model": state["model"], "opt": state["opt"]})
-    set_rng_state(state["rng"])
-    train(range(state["step"], 6))
-    if rank == 0:
-        checkpointer.save(sys.argv[3], final())
+run()
 dist.barrier()
+# DDP objects hold gloo work (and its tensors) in reference cycles: free them while the
+# process group lives, or gloo's threads may abort at interpreter exit (a torch issue)
+gc.collect()
 dist.destroy_process_group()

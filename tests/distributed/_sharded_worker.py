@@ -8,6 +8,7 @@ Modes:
   kill DIR         save once, then rank 1 dies while writing its part of the second save
 """
 
+import gc
 import os
 import sys
 
@@ -84,4 +85,5 @@ elif mode == "kill":
         collective.write_rank_files = die
     mgr.save(to_state(sd), step=2)
 dist.barrier()
+gc.collect()  # free cyclic torch objects while the process group lives
 dist.destroy_process_group()
