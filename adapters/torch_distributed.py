@@ -61,6 +61,13 @@ class TorchCoordinator:
         self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
             else torch.device("cpu")
 
+    def background(self) -> TorchCoordinator:
+        """A coordinator over a new gloo group of the same ranks, for the asynchronous
+        writer thread (collectives on one group must not interleave between threads).
+        Every rank of the group calls it at the same point."""
+        ranks = dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD)
+        return TorchCoordinator(dist.new_group(ranks, backend="gloo", use_local_synchronization=True))
+
     def broadcast_bytes(self, data: bytes | None) -> bytes:
         """Rank 0's ``data`` on every rank of the group."""
         size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64, device=self._device)

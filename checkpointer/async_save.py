@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .retention import Record
+from .sharding import Shard, ShardedArray
 
 __all__ = ["AsyncWriter"]
 
@@ -63,26 +64,36 @@ class AsyncWriter:
         """True while a save is in flight (or finished but not yet collected)."""
         return self._future is not None
 
-    def stage(self, arrays: Sequence[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
-        """Copy ``arrays`` into the arena; later mutation of the originals is harmless.
+    def stage(self, arrays: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """Copy ``arrays`` (numpy arrays, or :class:`ShardedArray` whose pieces are copied)
+        into the arena; later mutation of the originals is harmless.
 
         Waits for the in-flight save first (raising its error, if any).
         """
         self.wait()
+        parts = [[s.data for s in v.shards] if isinstance(v, ShardedArray) else [v] for _, v in arrays]
         offsets, end = [], 0
-        for _, arr in arrays:
+        for arr in (a for srcs in parts for a in srcs):
             offsets.append(end)
             end += -(-arr.nbytes // _ALIGN) * _ALIGN
         if end > self._arena.nbytes:
             self._arena = np.empty(0, dtype=np.uint8)  # free the old one before growing
             self._arena = _aligned_empty(end)
-        staged = []
-        for (key, arr), off in zip(arrays, offsets, strict=True):
-            dtype = _staged_dtype(arr.dtype)
-            buf = self._arena[off : off + arr.nbytes].view(dtype).reshape(arr.shape)
-            np.copyto(buf, arr, casting="equiv")
-            staged.append((key, buf))
+        at = iter(offsets)
+        staged: list[tuple[str, Any]] = []
+        for (key, v), srcs in zip(arrays, parts, strict=True):
+            copies = [self._copy(a, next(at)) for a in srcs]
+            if isinstance(v, ShardedArray):
+                shards = tuple(Shard(s.offsets, c) for s, c in zip(v.shards, copies, strict=True))
+                staged.append((key, ShardedArray(v.shape, _staged_dtype(v.dtype), shards)))
+            else:
+                staged.append((key, copies[0]))
         return staged
+
+    def _copy(self, arr: np.ndarray, off: int) -> np.ndarray:
+        buf = self._arena[off : off + arr.nbytes].view(_staged_dtype(arr.dtype)).reshape(arr.shape)
+        np.copyto(buf, arr, casting="equiv")
+        return buf
 
     def submit(self, seq: int, record: Record, job: Callable[[], Any]) -> None:
         """Run ``job`` in the background (after any previous job has finished)."""

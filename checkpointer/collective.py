@@ -81,12 +81,18 @@ def primary_save(coord: Coordinator, write: Callable[[Participants], CheckpointI
 
 
 def follower_save(coord: Coordinator, store: Store, arrays: Sequence[tuple[str, Any]],
-                  max_file_bytes: int) -> Any:
-    """Ranks > 0: write this rank's pieces where rank 0 says; return rank 0's entries."""
+                  max_file_bytes: int, error: BaseException | None = None) -> Any:
+    """Ranks > 0: write this rank's pieces where rank 0 says; return rank 0's entries.
+
+    ``error``: this rank could not prepare its state; it still takes part in every step
+    and reports the error, so that the save fails on every rank instead of hanging.
+    """
     where = unpack(coord.broadcast_bytes(None))
     if not where.get("ok"):
         raise CheckpointError(f"rank 0 failed: {where.get('error')}")
     try:
+        if error is not None:
+            raise error
         _, pieces, meta = split_pieces(arrays, primary=False)
         files: list[fmt.FileRecord] = []
         tensors: list[fmt.TensorRecord] = []
@@ -99,6 +105,8 @@ def follower_save(coord: Coordinator, store: Store, arrays: Sequence[tuple[str, 
         reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     coord.gather_bytes(pack(reply))
     outcome = unpack(coord.broadcast_bytes(None))
+    if error is not None:
+        raise error
     if not reply["ok"]:
         raise CheckpointError(f"rank {coord.rank} failed to write its part: {reply['error']}")
     if not outcome.get("ok"):

@@ -21,7 +21,8 @@ import msgpack
 
 from .errors import CheckpointError
 
-__all__ = ["Coordinator", "SingleProcess", "detect_coordinator", "run_on_primary", "pack", "unpack"]
+__all__ = ["Coordinator", "SingleProcess", "background_coordinator", "detect_coordinator", "run_on_primary",
+           "pack", "unpack"]
 
 _T = TypeVar("_T")
 
@@ -43,6 +44,22 @@ class Coordinator(Protocol):
     def gather_bytes(self, data: bytes) -> list[bytes] | None:
         """Every rank's ``data`` in rank order on rank 0; ``None`` on the others."""
         ...
+
+
+def background_coordinator(coord: Coordinator) -> Coordinator | None:
+    """A second coordinator over the same processes for a background thread, or ``None``.
+
+    A coordinator may offer ``background()``: a new coordinator whose collectives are
+    independent of the original's, so that asynchronous saves can agree on their commit
+    from a writer thread while the training loop keeps using the original. Every rank calls
+    it at the same point (for torch it creates a process group). Without it, saves of
+    several processes are synchronous.
+    """
+    make = getattr(coord, "background", None)
+    if coord.world_size == 1 or make is None:
+        return None
+    bg: Coordinator = make()
+    return bg
 
 
 class SingleProcess:

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import collective, commit, reader
 from .async_save import AsyncWriter
-from .distributed import Coordinator, detect_coordinator, run_on_primary
+from .distributed import Coordinator, background_coordinator, detect_coordinator, run_on_primary
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -40,7 +40,7 @@ from .monitor import Monitor, to_float
 from .naming import default_name, format_name, template_fields
 from .retention import Record, Retention, best_record
 from .schedule import Schedule
-from .sharding import specs_from_template
+from .sharding import ShardedArray, specs_from_template
 from .storage import open_store
 from .tree import flatten, resolve_state
 
@@ -101,6 +101,11 @@ class CheckpointManager:
         self._last_started = self._started
         self._async = AsyncWriter() if async_save else None
         self._coord = coordinator if coordinator is not None else detect_coordinator()
+        # several processes save asynchronously through a coordinator of their own
+        self._bg = background_coordinator(self._coord) if async_save else None
+        if async_save and self._coord.world_size > 1 and self._bg is None:
+            log.info("%s offers no background coordinator: saves are synchronous",
+                     type(self._coord).__name__)
         self._entries: list[Entry] = []
         self._entries = run_on_primary(self._coord, self._open_directory, self._encode_entries,
                                        self._decode_entries)
@@ -234,17 +239,59 @@ class CheckpointManager:
         if self._coord.world_size == 1:
             plan = decide()
             return None if plan is None else self._execute(plan, state)
-        plan = run_on_primary(self._coord, decide, lambda p: p, lambda p: p)
-        if plan is None:
-            return None
-        skeleton, arrays = flatten(resolve_state(state))
-        if self._coord.rank != 0:
-            rows = collective.follower_save(self._coord, self._store, arrays, self._max_file_bytes)
-            self._entries = self._decode_entries(rows)
-            return next((e.info for e in self._entries if e.info.name == plan["name"]), None)
-        return collective.primary_save(
-            self._coord, lambda parts: self._write_and_commit(plan, skeleton, arrays, parts),
-            lambda: self._encode_entries(self._entries))
+
+        def decide_after_previous() -> dict[str, Any] | None:
+            plan = decide()
+            if plan is not None and self._bg is not None:
+                assert self._async is not None
+                self._async.wait()  # the previous save's error is everyone's, raised here
+            return plan
+
+        plan = run_on_primary(self._coord, decide_after_previous, lambda p: p, lambda p: p)
+        return None if plan is None else self._execute_with_ranks(plan, state)
+
+    def _execute_with_ranks(self, plan: dict[str, Any], state: Any) -> CheckpointInfo | None:
+        """Every rank writes its part of the save ``plan``: now, or (with a background
+        coordinator) from each rank's writer thread once every rank has staged its part."""
+        self._last_started = plan["time"]
+        writer = self._async if self._bg is not None else None
+        if writer is not None:
+            writer.wait()  # (followers) the previous save's collectives are over: no-op
+        coord = self._bg or self._coord
+        error: Exception | None = None
+        try:  # a rank that cannot prepare its part still takes part, to fail every rank
+            skeleton, arrays = flatten(resolve_state(state))
+            if writer is not None:  # followers write their pieces only: stage just those
+                mine = arrays if coord.rank == 0 else [(k, v) for k, v in arrays if isinstance(v, ShardedArray)]
+                arrays = writer.stage(mine)
+        except Exception as exc:
+            error, skeleton, arrays = exc, None, []
+        if writer is not None:  # every rank raises now, or every rank saves in the background
+            agreed = collective.agree(self._coord, error)
+            if agreed is not None:
+                raise agreed
+        record = Record(plan["name"], plan["seq"], plan["score"], True)
+        if coord.rank != 0:
+            def follow() -> None:
+                rows = collective.follower_save(coord, self._store, arrays, self._max_file_bytes, error)
+                self._entries = self._decode_entries(rows)
+            if writer is None:
+                follow()
+                return next((e.info for e in self._entries if e.info.name == plan["name"]), None)
+            writer.submit(plan["seq"], record, _errors_reported_by_rank0(follow))
+            return self._info(plan, 0)
+
+        def write(parts: commit.Participants) -> CheckpointInfo:
+            if error is not None:
+                raise error
+            return self._write_and_commit(plan, skeleton, arrays, parts)
+
+        def lead() -> CheckpointInfo:
+            return collective.primary_save(coord, write, lambda: self._encode_entries(self._entries))
+        if writer is None:
+            return lead()
+        writer.submit(plan["seq"], record, lead)
+        return self._info(plan, 0)
 
     def _execute(self, plan: dict[str, Any], state: Any) -> CheckpointInfo:
         """Write now, or snapshot and write in the background (the info returned then has
@@ -391,11 +438,16 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until an in-flight asynchronous save has committed; raise its error."""
         if self._async is not None:
+            if self._coord.rank != 0:
+                self._async.wait()  # this rank's part (its errors are rank 0's to report)
             run_on_primary(self._coord, self._async.wait, lambda _: None, lambda _: None)
 
     def close(self) -> None:
-        """Wait for any in-flight save, then release resources."""
+        """Wait for any in-flight save, then release resources. With several processes,
+        call it before the process group is destroyed."""
         if self._async is not None:
+            if self._coord.rank != 0:
+                self._async.close()
             run_on_primary(self._coord, self._async.close, lambda _: None, lambda _: None)
 
     def __enter__(self) -> CheckpointManager:
@@ -403,6 +455,17 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _errors_reported_by_rank0(job: Callable[[], None]) -> Callable[[], None]:
+    """A follower's background job: its errors reach every rank through rank 0 (the
+    collective shares the outcome), so raising them here too would raise them twice."""
+    def run() -> None:
+        try:
+            job()
+        except Exception as exc:
+            log.debug("background save part failed (reported by rank 0): %s", exc)
+    return run
 
 
 def _metric_value(name: Any, value: Any) -> Any:

@@ -83,3 +83,26 @@ def test_data_parallel_resume_is_bit_exact(tmp_path):
             assert value.dtype == b[path].dtype and np.array_equal(value, b[path]), path
         else:
             assert value == b[path], path
+
+
+def test_async_saves_of_two_ranks_write_in_the_background(tmp_path):
+    """async_save=True with two processes: the writes run on each rank's writer thread over
+    a process group of their own, while the training loop runs its collectives."""
+    import numpy as np
+
+    import checkpointer
+
+    directory, out = tmp_path / "ckpts", tmp_path / "out"
+    out.mkdir()
+    _run(2, WORKER.with_name("_async_worker.py"), str(directory), str(out))
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert r["names"] == ["step-000000002", "step-000000003"] and r["async"] == [True] * 3
+        assert r["latest_bytes"] > 0
+        # rank 0 writes the replicated state and its piece, rank 1 its piece: on writer threads
+        assert len(r["writers"]) == 3 and all(n.startswith("checkpointer-save") for n in r["writers"])
+    for step in (2, 3):
+        state = checkpointer.load(directory / f"step-{step:09d}")
+        assert np.array_equal(state["replicated"], np.full(64, float(step), np.float32))
+        assert np.array_equal(state["table"], np.arange(32, dtype=np.float32).reshape(8, 4) * step)
+        assert state["step"] == step

@@ -43,3 +43,12 @@ def test_sharded_jax_array_saved_by_two_processes_restores_onto_another_sharding
     assert np.array_equal(state["x"], expected) and state["step"] == 2
     _two_processes("restore", str(directory), str(tmp_path / "out"))
     assert np.array_equal(checkpointer.load(tmp_path / "out")["x_first_rows"], expected[:2])
+
+
+def test_async_saves_of_two_jax_processes(tmp_path):
+    directory = tmp_path / "ckpts"
+    _two_processes("async", str(directory))
+    expected = np.arange(48, dtype=np.float32).reshape(8, 6) / 7
+    for step in (2, 3):
+        state = checkpointer.load(directory / f"step-{step:09d}")
+        assert np.array_equal(state["x"], expected * step) and state["step"] == step
