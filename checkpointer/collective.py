@@ -55,8 +55,9 @@ class _Primary(Participants):
             if not reply.get("ok"):
                 raise CheckpointError(f"rank {rank} failed to write its part: {reply.get('error')}")
             files += [fmt.FileRecord(*row) for row in reply["files"]]
-            tensors += [fmt.TensorRecord(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6])
-                        for r in reply["tensors"]]
+            blocks = reply.get("blocks", {})
+            tensors += [fmt.TensorRecord(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6],
+                                         tuple(blocks.get(r[0], ()))) for r in reply["tensors"]]
             shards += reply["shards"]
         return files, tensors, shards
 
@@ -100,7 +101,8 @@ def follower_save(coord: Coordinator, store: Store, arrays: Sequence[tuple[str, 
             files, tensors = write_rank_files(store, where["folder"], f"{where['prefix']}r{coord.rank:05d}-",
                                               pieces, max_file_bytes)
         reply = {"ok": True, "files": [_file_row(f) for f in files],
-                 "tensors": [_tensor_row(t) for t in tensors], "shards": meta}
+                 "tensors": [_tensor_row(t) for t in tensors], "shards": meta,
+                 "blocks": {t.key: list(t.blocks) for t in tensors if t.blocks}}
     except Exception as exc:
         reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     coord.gather_bytes(pack(reply))

@@ -19,7 +19,7 @@ import re
 import secrets
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -138,7 +138,8 @@ def write_checkpoint(
     """
     owner = new_owner()
     plain, pieces, meta = split_pieces(arrays, primary=True)
-    work = _Work(skeleton, plain + pieces, meta, fields, max_file_bytes, participants)
+    work = _Work(skeleton, plain + pieces, meta, fields, max_file_bytes, participants,
+                 frozenset(k for k, _ in pieces))
     try:
         write = _write_renaming if store.atomic_rename else _write_object_store
         nbytes = write(store, name, work, owner)
@@ -168,20 +169,26 @@ class _Work:
     fields: dict[str, Any]
     max_file_bytes: int
     participants: Participants | None
+    piece_keys: frozenset[str]
     stamp: list[str] = field(default_factory=list)  # filled by _write_files
 
 
 def write_rank_files(store: Store, folder: str, prefix: str, arrays: Sequence[tuple[str, np.ndarray]],
-                     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+                     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, *, pieces: Container[str] | None = None,
                      ) -> tuple[list[fmt.FileRecord], list[fmt.TensorRecord]]:
-    """Write (and make durable) one rank's data files into a staging ``folder``."""
+    """Write (and make durable) one rank's data files into a staging ``folder``.
+
+    ``pieces``: the keys that are pieces of sharded arrays (all of them when ``None``);
+    they get per-block checksums, for readers that need only part of a piece.
+    """
     files, tensors = [], []
     for i, group in enumerate(_plan(arrays, max_file_bytes)):
         if not group and i > 0:
             continue
         fname = f"{prefix}{i:05d}.safetensors"
+        blocked = [k for k, _ in group] if pieces is None else pieces
         with store.writer(f"{folder}/{fname}") as w:
-            frec, trecs = fmt.write_safetensors(w, fname, group)
+            frec, trecs = fmt.write_safetensors(w, fname, group, blocked=blocked)
         files.append(frec)
         tensors += trecs
     return files, tensors
@@ -190,11 +197,15 @@ def write_rank_files(store: Store, folder: str, prefix: str, arrays: Sequence[tu
 def _write_files(store: Store, folder: str, prefix: str, work: _Work) -> tuple[int, list[str]]:
     if work.participants is not None:
         work.participants.staged(folder, prefix)
-    files, tensors = write_rank_files(store, folder, prefix, work.arrays, work.max_file_bytes)
+    files, tensors = write_rank_files(store, folder, prefix, work.arrays, work.max_file_bytes,
+                                      pieces=work.piece_keys)
     shards = work.shards
     if work.participants is not None:
         files, tensors, shards = work.participants.collect(files, tensors, shards)
-    extra = {"shards": merge_shards(shards, store.url_of(folder))} if shards else {}
+    extra: dict[str, Any] = {"shards": merge_shards(shards, store.url_of(folder))} if shards else {}
+    blocks = {t.key: list(t.blocks) for t in tensors if t.blocks}
+    if blocks:
+        extra.update(block_bytes=fmt.BLOCK_BYTES, blocks=blocks)
     manifest = {
         "format": "checkpointer", "version": fmt.FORMAT_VERSION, **work.fields, **extra, "tree": work.skeleton,
         "files": [[f.name, f.nbytes, f.crc32c] for f in files],

@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple, Protocol
@@ -40,7 +40,7 @@ from .errors import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "MANIFEST_NAME", "TensorRecord", "FileRecord", "crc32c",
+    "FORMAT_VERSION", "MANIFEST_NAME", "BLOCK_BYTES", "TensorRecord", "FileRecord", "crc32c", "block_crcs",
     "write_safetensors", "read_header", "read_tensors", "encode_framed", "decode_framed",
     "check_file_name",
 ]
@@ -50,6 +50,7 @@ MANIFEST_NAME = "manifest.msgpack"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_NDIM = 64
+BLOCK_BYTES = 4 << 20  # block of the per-block checksums of pieces (see TensorRecord.blocks)
 _FRAME = struct.Struct("<8sIQ")  # magic, crc32c of body, body length
 _SMALL = 1 << 16
 _READ_CHUNK = 64 << 20
@@ -76,6 +77,12 @@ class TensorRecord:
     begin: int
     end: int
     crc32c: int
+    blocks: tuple[int, ...] = ()  # crc32c of each BLOCK_BYTES block (pieces of sharded arrays)
+
+
+def block_crcs(data: memoryview, block_bytes: int) -> tuple[int, ...]:
+    """crc32c of each ``block_bytes`` block of ``data`` (the last one may be shorter)."""
+    return tuple(crc32c(data[i:i + block_bytes]) for i in range(0, len(data), block_bytes))
 
 
 @dataclass(frozen=True)
@@ -124,13 +131,15 @@ def _raw(arr: np.ndarray) -> memoryview:
 
 def write_safetensors(
     sink: Sink, file_name: str, entries: Sequence[tuple[str, np.ndarray]],
-    metadata: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None, *, blocked: Container[str] = (),
 ) -> tuple[FileRecord, list[TensorRecord]]:
     """Stream ``entries`` as one safetensors file into ``sink``; return its records.
 
     Tensors are laid out largest item size first so every tensor stays aligned for
     zero-copy readers. Only one tensor at a time is ever copied (when it is
-    non-contiguous or big-endian).
+    non-contiguous or big-endian). Tensors named in ``blocked`` and larger than
+    :data:`BLOCK_BYTES` also get a crc32c per block, so that a reader can verify a byte
+    range of them without reading the rest.
     """
     order = sorted(range(len(entries)), key=lambda i: -entries[i][1].dtype.itemsize)
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -149,19 +158,27 @@ def write_safetensors(
     head = struct.pack("<Q", len(blob)) + blob
     sink.write(head)
     base = len(head)
-    done: list[tuple[str, np.ndarray, str, int, int | memoryview]] = []
+    done: list[tuple[str, np.ndarray, str, int, int | memoryview, tuple[int, ...]]] = []
     for key, arr, code, off in layout:
         flat = _le_contiguous(arr)
         view = _raw(flat)
         sink.write(view)
         # a temporary copy is checksummed now; the caller's own memory later, while the
         # sink's fsync (started below, where the sink can) waits on the disk
-        done.append((key, arr, code, off, view if flat is arr and len(view) >= _SMALL else crc32c(view)))
+        later = flat is arr and len(view) >= _SMALL
+        blocks = () if later or key not in blocked or len(view) <= BLOCK_BYTES else block_crcs(view, BLOCK_BYTES)
+        done.append((key, arr, code, off, view if later else crc32c(view), blocks))
     start_sync = getattr(sink, "start_sync", None)
     if start_sync is not None:
         start_sync()
-    tensors = [TensorRecord(key, file_name, code, tuple(arr.shape), base + off, base + off + arr.nbytes,
-                            c if isinstance(c, int) else crc32c(c)) for key, arr, code, off, c in done]
+    tensors = []
+    for key, arr, code, off, c, blocks in done:
+        if not isinstance(c, int):
+            if key in blocked and len(c) > BLOCK_BYTES:
+                blocks = block_crcs(c, BLOCK_BYTES)
+            c = crc32c(c)
+        tensors.append(TensorRecord(key, file_name, code, tuple(arr.shape), base + off,
+                                    base + off + arr.nbytes, c, blocks))
     crcs = struct.pack(f"<{len(tensors)}I", *(t.crc32c for t in tensors))
     return FileRecord(file_name, base + offset, crc32c(crcs, crc32c(head))), tensors
 

@@ -7,7 +7,9 @@ header must agree with the manifest tensor by tensor before anything is allocate
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from .errors import (
     TruncatedFileError,
 )
 from .gcpause import without_gc
-from .sharding import ShardSpec, pieces_needed, resolve_pieces, validate_shards
+from .sharding import ShardSpec, pieces_needed, resolve_pieces, rows_needed, validate_shards
 from .storage import Store
 
 __all__ = ["MANIFEST_MAGIC", "read_manifest", "load_checkpoint"]
@@ -75,7 +77,22 @@ def read_manifest(store: Store, name: str) -> dict[str, Any]:
         keys.add(t[0])
     if "shards" in m:
         validate_shards(m, where)
+    if "blocks" in m or "block_bytes" in m:
+        _validate_blocks(m, where)
     return m
+
+
+def _validate_blocks(m: dict[str, Any], where: str) -> None:
+    """``block_bytes`` and ``blocks`` (piece key -> crc32c of each block) must agree with
+    the tensors they describe."""
+    size, blocks = m.get("block_bytes"), m.get("blocks")
+    if type(size) is not int or not 4096 <= size <= 1 << 30 or size % 64 or not isinstance(blocks, dict):
+        raise ManifestError(f"{where}: 'block_bytes' / 'blocks' are malformed")
+    lengths = {t[0]: t[5] - t[4] for t in m["tensors"]}
+    for key, crcs in blocks.items():
+        n = lengths.get(key)
+        if n is None or not _ints(crcs) or len(crcs) != -(-n // size) or any(not 0 <= c < 1 << 32 for c in crcs):
+            raise ManifestError(f"{where}: block checksums of {key!r:.80} are malformed")
 
 
 @without_gc
@@ -91,22 +108,33 @@ def load_checkpoint(store: Store, name: str, *, verify: bool = True,
 
     manifest = read_manifest(store, name)
     wanted = pieces_needed(manifest, specs or {})
+    # pieces needed in part: only their rows are read, verified block by block (or not at
+    # all with verify=False); a piece without block checksums is read whole to verify it
+    blocks = manifest.get("blocks", {})
+    rows = {k: r for k, r in rows_needed(manifest, specs or {}).items() if k in blocks or not verify}
     by_file: dict[str, dict[str, list[Any]]] = {f[0]: {} for f in manifest["files"]}
     for t in manifest["tensors"]:
         by_file[t[1]][t[0]] = t
     arrays: dict[str, Any] = {}
     for fname, nbytes, crc in manifest["files"]:
-        if wanted is None or wanted & by_file[fname].keys():
-            arrays.update(_load_file(store, f"{name}/{fname}", nbytes, crc, by_file[fname], verify, wanted))
-    arrays = resolve_pieces(manifest, arrays, specs or {})
+        expected = by_file[fname]
+        if wanted is None or (wanted - rows.keys()) & expected.keys():
+            arrays.update(_load_file(store, f"{name}/{fname}", nbytes, crc, expected, verify,
+                                     None if wanted is None else wanted - rows.keys()))
+        for key in rows.keys() & expected.keys():
+            arrays[key] = _load_rows(store, f"{name}/{fname}", nbytes, expected, key, rows[key],
+                                     (manifest.get("block_bytes", 0), blocks.get(key)) if verify else None)
+    arrays = resolve_pieces(manifest, arrays, specs or {}, rows)
     try:
         return unflatten(manifest["tree"], arrays), manifest
     except ManifestError as exc:
         raise ManifestError(f"{store.url_of(name)}/{fmt.MANIFEST_NAME}: {exc}") from None
 
 
-def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str, list[Any]],
-               verify: bool, wanted: set[str] | None = None) -> dict[str, np.ndarray]:
+@contextlib.contextmanager
+def _open_checked(store: Store, rel: str, nbytes: int, expected: dict[str, list[Any]]
+                  ) -> Iterator[tuple[BinaryIO, list[fmt.HeaderEntry], int]]:
+    """A data file whose size and header agree with the manifest: (file, entries, header crc)."""
     where = store.url_of(rel)
     try:
         size = store.size(rel)
@@ -122,6 +150,43 @@ def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str
                 (t := expected.get(e.key)) is None or t[2] != e.code or t[4] != e.begin
                 or t[5] != e.end or t[3] != list(e.shape) for e in entries):
             raise ManifestError(f"{where}: tensors in the file disagree with the manifest")
+        yield f, entries, head_crc
+
+
+def _load_rows(store: Store, rel: str, nbytes: int, expected: dict[str, list[Any]], key: str,
+               rows: tuple[int, int], blocks: tuple[int, list[int] | None] | None) -> np.ndarray:
+    """Rows ``rows`` of tensor ``key``: only their bytes are read, widened to whole blocks
+    when ``blocks`` (block size, crc32c of each block) is given, and those are verified."""
+    where = store.url_of(rel)
+    with _open_checked(store, rel, nbytes, expected) as (f, entries, _):
+        e = next(e for e in entries if e.key == key)
+        row_bytes = (e.end - e.begin) // e.shape[0]
+        lo, hi = rows[0] * row_bytes, rows[1] * row_bytes
+        first, end = lo, hi
+        if blocks is not None:
+            size = blocks[0]
+            first, end = lo - lo % size, min(-(-hi // size) * size, e.end - e.begin)
+        buf = np.empty(end - first, dtype=np.uint8)
+        f.seek(e.begin + first)
+        view, got = memoryview(buf), 0  # type: ignore[arg-type]
+        while got < len(buf):
+            n = f.readinto(view[got:])  # type: ignore[attr-defined]
+            if not n:
+                raise TruncatedFileError(f"{where}: tensor {key!r:.80} is cut short")
+            got += n
+    if blocks is not None:
+        size, crcs = blocks[0], blocks[1] or []
+        for i in range(0, len(buf), size):
+            if fmt.crc32c(view[i:i + size]) != crcs[(first + i) // size]:
+                raise ChecksumMismatchError(f"{where}: tensor {key!r:.80} fails the crc32c checksum "
+                                            f"of its block {(first + i) // size}")
+    return buf[lo - first:hi - first].view(e.dtype).reshape((rows[1] - rows[0], *e.shape[1:]))
+
+
+def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str, list[Any]],
+               verify: bool, wanted: set[str] | None = None) -> dict[str, np.ndarray]:
+    where = store.url_of(rel)
+    with _open_checked(store, rel, nbytes, expected) as (f, entries, head_crc):
         crcs = {k: t[6] for k, t in expected.items()} if verify else None
         if wanted is not None and not expected.keys() <= wanted:
             entries = [e for e in entries if e.key in wanted]

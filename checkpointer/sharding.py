@@ -125,8 +125,8 @@ def cut(box: tuple[Sequence[int], Sequence[int]], pieces: Sequence[tuple[Sequenc
         p_shape = p[1]
         lo = [max(a, b) for a, b in zip(offs, p_offs, strict=True)]
         hi = [min(a + n, b + m) for a, n, b, m in zip(offs, shape, p_offs, p_shape, strict=True)]
-        if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)) and math.prod(shape) > 0:
-            continue
+        if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+            continue  # no overlap (an empty box needs nothing)
         data = read(p)
         src = tuple(slice(a - b, c - b) for a, b, c in zip(lo, p_offs, hi, strict=True))
         dst = tuple(slice(a - b, c - b) for a, b, c in zip(lo, offs, hi, strict=True))
@@ -226,9 +226,37 @@ def pieces_needed(manifest: dict[str, Any], specs: dict[str, ShardSpec]) -> set[
     return set(shapes) - skip
 
 
+def rows_needed(manifest: dict[str, Any], specs: dict[str, ShardSpec]) -> dict[str, tuple[int, int]]:
+    """Stored pieces of which ``specs`` need only some rows (of the first dimension):
+    piece key -> ``(first, end)`` row of the piece. Pieces needed whole are not listed."""
+    out: dict[str, tuple[int, int]] = {}
+    if not specs or "shards" not in manifest:
+        return out
+    shapes = {t[0]: t[3] for t in manifest["tensors"]}
+    for key, _, _, pieces in manifest["shards"]:
+        spec = specs.get(key)
+        if spec is None:
+            continue
+        for pk, offs in pieces:
+            shape = shapes[pk]
+            if not shape:
+                continue
+            lo, hi = shape[0], 0
+            for box in spec.boxes:
+                if _overlaps((offs, shape), box):
+                    lo = min(lo, max(box[0][0] - offs[0], 0))
+                    hi = max(hi, min(box[0][0] + box[1][0] - offs[0], shape[0]))
+            if lo < hi and (lo, hi) != (0, shape[0]):
+                out[pk] = (lo, hi)
+    return out
+
+
 def resolve_pieces(manifest: dict[str, Any], arrays: dict[str, Any],
-                   specs: dict[str, ShardSpec]) -> dict[str, Any]:
-    """Replace stored pieces by whole arrays, or by the requested boxes for keys in ``specs``."""
+                   specs: dict[str, ShardSpec], rows: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Replace stored pieces by whole arrays, or by the requested boxes for keys in ``specs``.
+
+    ``rows``: pieces read only in part (see :func:`rows_needed`); ``arrays`` holds just
+    those rows of them."""
     from .dtypes import safetensors_to_numpy
 
     if "shards" not in manifest:
@@ -244,12 +272,20 @@ def resolve_pieces(manifest: dict[str, Any], arrays: dict[str, Any],
             if tuple(spec.shape) != tuple(shape) or np.dtype(spec.dtype) != dtype:
                 raise StateTreeError(f"sharded array {key!r}: stored {tuple(shape)} {dtype}, "
                                      f"requested {tuple(spec.shape)} {np.dtype(spec.dtype)}")
-            stored = [(offs, (pk, shapes[pk])) for pk, offs in pieces]
+            stored = [_rows_box(offs, pk, shapes[pk], (rows or {}).get(pk)) for pk, offs in pieces]
             arrays[key] = ShardedArray(tuple(shape), dtype, tuple(
                 Shard(tuple(box[0]), cut(box, stored, dtype, lambda p: arrays[p[0]])) for box in spec.boxes))
         for pk, _ in pieces:
             arrays.pop(pk, None)
     return arrays
+
+
+def _rows_box(offs: list[int], pk: str, shape: tuple[int, ...], rows: tuple[int, int] | None
+              ) -> tuple[list[int], tuple[str, tuple[int, ...]]]:
+    """Where the part of piece ``pk`` that was read sits in the global array."""
+    if rows is None:
+        return offs, (pk, shape)
+    return [offs[0] + rows[0], *offs[1:]], (pk, (rows[1] - rows[0], *shape[1:]))
 
 
 def specs_from_template(template: Any) -> dict[str, ShardSpec]:
