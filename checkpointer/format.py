@@ -10,6 +10,7 @@ are allow-listed, keys unique, names plain. See ``docs``-level description in RE
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -80,9 +81,56 @@ class TensorRecord:
     blocks: tuple[int, ...] = ()  # crc32c of each BLOCK_BYTES block (pieces of sharded arrays)
 
 
-def block_crcs(data: memoryview, block_bytes: int) -> tuple[int, ...]:
-    """crc32c of each ``block_bytes`` block of ``data`` (the last one may be shorter)."""
-    return tuple(crc32c(data[i:i + block_bytes]) for i in range(0, len(data), block_bytes))
+def block_crcs(data: memoryview, block_bytes: int) -> tuple[int, tuple[int, ...]]:
+    """crc32c of the whole of ``data`` and of each of its ``block_bytes`` blocks (the last
+    may be shorter), in one pass: the whole is combined from the blocks' crcs."""
+    full = len(data) // block_bytes * block_bytes
+    crcs = [crc32c(data[i:i + block_bytes]) for i in range(0, full, block_bytes)]
+    shift = _zeros_operator(block_bytes) if crcs else ()
+    whole = 0
+    for c in crcs:  # crc(A || B) = crc(A) advanced over len(B) zero bytes, xor crc(B)
+        whole = _gf2_times(shift, whole) ^ c
+    if full < len(data):
+        crcs.append(crc32c(data[full:]))
+        whole = crc32c(data[full:], whole)
+    return whole, tuple(crcs)
+
+
+def _gf2_times(matrix: Sequence[int], vector: int) -> int:
+    out, i = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _zeros_operator(nbytes: int) -> tuple[int, ...]:
+    """The GF(2) matrix that advances a crc32c register over ``nbytes`` zero bytes (zlib's
+    crc32_combine method: repeated squaring of the one-zero-bit operator)."""
+    def square(m: Sequence[int]) -> list[int]:
+        return [_gf2_times(m, row) for row in m]
+
+    odd = [0x82F63B78] + [1 << n for n in range(31)]  # one zero bit (reflected polynomial)
+    even = square(odd)  # two zero bits
+    odd = square(even)  # four
+    op: Sequence[int] | None = None
+    n = nbytes
+    while n:
+        even = square(odd)  # one zero byte the first time, then 4, 16, ...
+        if n & 1:
+            op = even if op is None else [_gf2_times(even, row) for row in op]
+        n >>= 1
+        if not n:
+            break
+        odd = square(even)  # 2 zero bytes the first time, then 8, 32, ...
+        if n & 1:
+            op = odd if op is None else [_gf2_times(odd, row) for row in op]
+        n >>= 1
+    assert op is not None, "nbytes must be positive"
+    return tuple(op)
 
 
 @dataclass(frozen=True)
@@ -166,21 +214,26 @@ def write_safetensors(
         # a temporary copy is checksummed now; the caller's own memory later, while the
         # sink's fsync (started below, where the sink can) waits on the disk
         later = flat is arr and len(view) >= _SMALL
-        blocks = () if later or key not in blocked or len(view) <= BLOCK_BYTES else block_crcs(view, BLOCK_BYTES)
-        done.append((key, arr, code, off, view if later else crc32c(view), blocks))
+        c, blocks = (view, ()) if later else _checksums(view, key in blocked)
+        done.append((key, arr, code, off, c, blocks))
     start_sync = getattr(sink, "start_sync", None)
     if start_sync is not None:
         start_sync()
     tensors = []
     for key, arr, code, off, c, blocks in done:
         if not isinstance(c, int):
-            if key in blocked and len(c) > BLOCK_BYTES:
-                blocks = block_crcs(c, BLOCK_BYTES)
-            c = crc32c(c)
+            c, blocks = _checksums(c, key in blocked)
         tensors.append(TensorRecord(key, file_name, code, tuple(arr.shape), base + off,
                                     base + off + arr.nbytes, c, blocks))
     crcs = struct.pack(f"<{len(tensors)}I", *(t.crc32c for t in tensors))
     return FileRecord(file_name, base + offset, crc32c(crcs, crc32c(head))), tensors
+
+
+def _checksums(view: memoryview, blocked: bool) -> tuple[int, tuple[int, ...]]:
+    """A tensor's crc32c, and its blocks' when it is a piece larger than one block."""
+    if blocked and len(view) > BLOCK_BYTES:
+        return block_crcs(view, BLOCK_BYTES)
+    return crc32c(view), ()
 
 
 class HeaderEntry(NamedTuple):

@@ -14,6 +14,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from _ckpt_files import _manifest, _put_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,9 +24,15 @@ from checkpointer import format as fmt
 from checkpointer.errors import ChecksumMismatchError, ManifestError
 from checkpointer.sharding import Shard, ShardedArray, ShardSpec
 from checkpointer.storage import LocalStore
-from tests.core._ckpt_files import _manifest, _put_manifest
 
 BLOCK = 4096
+
+
+@given(data=st.binary(max_size=5 * BLOCK + 100), block=st.sampled_from([1, 7, 64, BLOCK]))
+def test_block_checksums_and_the_whole_come_from_one_pass(data, block):
+    whole, blocks = fmt.block_crcs(memoryview(data), block)
+    assert whole == fmt.crc32c(data)  # combined from the blocks' crcs
+    assert list(blocks) == [fmt.crc32c(data[i:i + block]) for i in range(0, len(data), block)]
 
 
 def sharded(full: np.ndarray, cuts: list[int]) -> ShardedArray:
