@@ -420,7 +420,7 @@ def _read_run(f: BinaryIO, run: list[HeaderEntry], buf: memoryview, piped: bool,
             key = next(e.key for e in run if e.end > run[0].begin + got)
             raise TruncatedFileError(f"{where}: tensor {key!r:.80} is cut short")
         if piped:
-            chain = _chain_crc(chain, buf[got:got + n])
+            chain = chain_crc(chain, buf[got:got + n])
         got += n
     return chain
 
@@ -448,7 +448,9 @@ def _crc_after(prev: Future[int] | None, chunk: memoryview) -> int:
     return crc32c(chunk, 0 if prev is None else prev.result())
 
 
-def _chain_crc(prev: Future[int] | None, chunk: memoryview) -> Future[int]:
+def chain_crc(prev: Future[int] | None, chunk: memoryview) -> Future[int]:
+    """crc32c of ``chunk`` continued from ``prev``'s, on the helper thread (so that it runs
+    while the caller reads the next chunk; both release the GIL)."""
     try:
         return _crc_pool().submit(_crc_after, prev, chunk)
     except RuntimeError:  # the interpreter is shutting down: no new work for threads

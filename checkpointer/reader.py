@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -23,7 +24,14 @@ from .errors import (
     TruncatedFileError,
 )
 from .gcpause import without_gc
-from .sharding import ShardSpec, pieces_needed, resolve_pieces, rows_needed, validate_shards
+from .sharding import (
+    ShardSpec,
+    pieces_needed,
+    plan_box_reads,
+    resolve_pieces,
+    rows_needed,
+    validate_shards,
+)
 from .storage import Store
 
 __all__ = ["MANIFEST_MAGIC", "read_manifest", "load_checkpoint"]
@@ -107,24 +115,39 @@ def load_checkpoint(store: Store, name: str, *, verify: bool = True,
     from .tree import unflatten
 
     manifest = read_manifest(store, name)
-    wanted = pieces_needed(manifest, specs or {})
-    # pieces needed in part: only their rows are read, verified block by block (or not at
-    # all with verify=False); a piece without block checksums is read whole to verify it
+    reads = plan_box_reads(manifest, specs or {})
+    # pieces whose rows fill whole rows of the requested boxes are read straight into them;
+    # of the other pieces needed in part only their rows are read. Both read just the bytes
+    # needed, widened to whole blocks to verify them block by block (a piece too small to
+    # have blocks is read whole to verify it); with verify=False just the bytes needed.
     blocks = manifest.get("blocks", {})
-    rows = {k: r for k, r in rows_needed(manifest, specs or {}).items() if k in blocks or not verify}
+    rows = {k: r for k, r in rows_needed(manifest, specs or {}).items()
+            if k not in reads.direct and (k in blocks or not verify)}
+    wanted = pieces_needed(manifest, specs or {})
+    whole = None if wanted is None else wanted - rows.keys() - reads.direct.keys()
     by_file: dict[str, dict[str, list[Any]]] = {f[0]: {} for f in manifest["files"]}
     for t in manifest["tensors"]:
         by_file[t[1]][t[0]] = t
     arrays: dict[str, Any] = {}
     for fname, nbytes, crc in manifest["files"]:
-        expected = by_file[fname]
-        if wanted is None or (wanted - rows.keys()) & expected.keys():
-            arrays.update(_load_file(store, f"{name}/{fname}", nbytes, crc, expected, verify,
-                                     None if wanted is None else wanted - rows.keys()))
-        for key in rows.keys() & expected.keys():
-            arrays[key] = _load_rows(store, f"{name}/{fname}", nbytes, expected, key, rows[key],
-                                     (manifest.get("block_bytes", 0), blocks.get(key)) if verify else None)
-    arrays = resolve_pieces(manifest, arrays, specs or {}, rows)
+        expected, rel = by_file[fname], f"{name}/{fname}"
+        if whole is None or whole & expected.keys():
+            arrays.update(_load_file(store, rel, nbytes, crc, expected, verify, whole))
+        partial = (rows.keys() | reads.direct.keys()) & expected.keys()
+        if partial:
+            with _open_checked(store, rel, nbytes, expected) as (f, entries, _):
+                for e in entries:
+                    if e.key not in partial:
+                        continue
+                    check = None if not verify else (manifest["block_bytes"], blocks[e.key]) \
+                        if e.key in blocks else int(expected[e.key][6])
+                    if e.key in rows:  # into a buffer of those rows, copied into the boxes later
+                        first, end = rows[e.key]
+                        arrays[e.key] = np.empty((end - first, *e.shape[1:]), dtype=e.dtype)
+                        _read_into(f, store.url_of(rel), e, [(first, end, arrays[e.key])], check)
+                    else:
+                        _read_into(f, store.url_of(rel), e, reads.direct[e.key], check)
+    arrays = resolve_pieces(manifest, arrays, specs or {}, rows, reads)
     try:
         return unflatten(manifest["tree"], arrays), manifest
     except ManifestError as exc:
@@ -153,34 +176,80 @@ def _open_checked(store: Store, rel: str, nbytes: int, expected: dict[str, list[
         yield f, entries, head_crc
 
 
-def _load_rows(store: Store, rel: str, nbytes: int, expected: dict[str, list[Any]], key: str,
-               rows: tuple[int, int], blocks: tuple[int, list[int] | None] | None) -> np.ndarray:
-    """Rows ``rows`` of tensor ``key``: only their bytes are read, widened to whole blocks
-    when ``blocks`` (block size, crc32c of each block) is given, and those are verified."""
-    where = store.url_of(rel)
-    with _open_checked(store, rel, nbytes, expected) as (f, entries, _):
-        e = next(e for e in entries if e.key == key)
-        row_bytes = (e.end - e.begin) // e.shape[0]
-        lo, hi = rows[0] * row_bytes, rows[1] * row_bytes
-        first, end = lo, hi
-        if blocks is not None:
-            size = blocks[0]
-            first, end = lo - lo % size, min(-(-hi // size) * size, e.end - e.begin)
-        buf = np.empty(end - first, dtype=np.uint8)
-        f.seek(e.begin + first)
-        view, got = memoryview(buf), 0  # type: ignore[arg-type]
-        while got < len(buf):
-            n = f.readinto(view[got:])  # type: ignore[attr-defined]
-            if not n:
-                raise TruncatedFileError(f"{where}: tensor {key!r:.80} is cut short")
-            got += n
-    if blocks is not None:
-        size, crcs = blocks[0], blocks[1] or []
-        for i in range(0, len(buf), size):
-            if fmt.crc32c(view[i:i + size]) != crcs[(first + i) // size]:
-                raise ChecksumMismatchError(f"{where}: tensor {key!r:.80} fails the crc32c checksum "
-                                            f"of its block {(first + i) // size}")
-    return buf[lo - first:hi - first].view(e.dtype).reshape((rows[1] - rows[0], *e.shape[1:]))
+def _read_into(f: BinaryIO, where: str, e: fmt.HeaderEntry, rows: list[tuple[int, int, np.ndarray]],
+               check: tuple[int, list[int]] | int | None) -> None:
+    """Read rows of tensor ``e`` straight into their destinations (sorted, disjoint).
+
+    ``check``: ``(block size, crc32c of each block)`` to read the blocks around the rows
+    and verify them; a crc32c to read the whole tensor and verify it; ``None`` to read
+    just the rows. Bytes read outside the rows go to scratch buffers.
+    """
+    n = e.end - e.begin
+    row = n // e.shape[0] if e.shape[0] else 0
+    dests = [(lo * row, hi * row, memoryview(out.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
+             for lo, hi, out in rows if hi > lo and row]
+    size = check[0] if isinstance(check, tuple) else 0  # block mode
+    if check is None:
+        covers = [(a, b) for a, b, _ in dests]
+    elif not size:
+        covers = [(0, n)]
+    else:
+        covers = []
+        for a, b, _ in dests:
+            a, b = a - a % size, min(-(-b // size) * size, n)
+            if covers and a <= covers[-1][1]:
+                covers[-1] = (covers[-1][0], max(covers[-1][1], b))
+            else:
+                covers.append((a, b))
+    chain: Future[int] | None = None
+    done: list[tuple[int, Future[int]]] = []  # (block index, its crc32c) in block mode
+    for c0, c1 in covers:
+        f.seek(e.begin + c0)
+        pos = c0
+        for view in _cover_parts(c0, c1, dests):
+            off = 0
+            while off < len(view):
+                # chunks never straddle a block, so each block's crc is one chain
+                limit = min(len(view) - off, _CHUNK, size - pos % size if size else _CHUNK)
+                k = f.readinto(view[off:off + limit])  # type: ignore[attr-defined]
+                if not k:
+                    raise TruncatedFileError(f"{where}: tensor {e.key!r:.80} is cut short")
+                if check is not None:
+                    chain = fmt.chain_crc(chain, view[off:off + k])
+                off, pos = off + k, pos + k
+                if size and (pos % size == 0 or pos == c1):
+                    assert chain is not None
+                    done.append(((pos - 1) // size, chain))
+                    chain = None
+    if isinstance(check, int):
+        if (0 if chain is None else chain.result()) != check:
+            raise ChecksumMismatchError(f"{where}: tensor {e.key!r:.80} fails its crc32c checksum")
+    elif check is not None:
+        for i, crc in done:
+            if crc.result() != check[1][i]:
+                raise ChecksumMismatchError(f"{where}: tensor {e.key!r:.80} fails the crc32c "
+                                            f"checksum of its block {i}")
+
+
+_CHUNK = 8 << 20
+
+
+def _cover_parts(c0: int, c1: int, dests: list[tuple[int, int, memoryview]]) -> list[memoryview]:
+    """Where the bytes ``[c0, c1)`` of a tensor go, in order: the destinations' views, and
+    scratch buffers for the bytes between or around them."""
+    parts: list[memoryview] = []
+    at = c0
+    for a, b, view in dests:
+        if b <= at or a >= c1:
+            continue
+        if a > at:
+            parts.append(memoryview(np.empty(a - at, dtype=np.uint8)))  # type: ignore[arg-type]
+            at = a
+        parts.append(view[at - a:min(b, c1) - a])
+        at = min(b, c1)
+    if at < c1:
+        parts.append(memoryview(np.empty(c1 - at, dtype=np.uint8)))  # type: ignore[arg-type]
+    return parts
 
 
 def _load_file(store: Store, rel: str, nbytes: int, crc: int, expected: dict[str, list[Any]],

@@ -117,16 +117,10 @@ def assemble(shape: tuple[int, ...], dtype: np.dtype, pieces: Sequence[tuple[Seq
 
 
 def cut(box: tuple[Sequence[int], Sequence[int]], pieces: Sequence[tuple[Sequence[int], Any]],
-        dtype: np.dtype, read: Any) -> np.ndarray:
-    """Fill ``box`` from the stored ``pieces`` it overlaps; ``read(piece)`` loads one piece.
-    A piece that is exactly the box is returned as it is (the same sharding as the save's
-    costs no copy)."""
+        read: Any, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (the array of ``box``) from the stored ``pieces`` it overlaps;
+    ``read(piece)`` gives one piece's values."""
     offs, shape = box
-    for p_offs, p in pieces:
-        if list(p_offs) == list(offs) and tuple(p[1]) == tuple(shape):
-            exact: np.ndarray = read(p)
-            return exact
-    out = np.empty(tuple(shape), dtype=dtype)
     for p_offs, p in pieces:
         p_shape = p[1]
         lo = [max(a, b) for a, b in zip(offs, p_offs, strict=True)]
@@ -232,6 +226,62 @@ def pieces_needed(manifest: dict[str, Any], specs: dict[str, ShardSpec]) -> set[
     return set(shapes) - skip
 
 
+@dataclass(frozen=True)
+class BoxReads:
+    """Where the requested boxes of sharded arrays come from (see :func:`plan_box_reads`)."""
+
+    outs: dict[str, list[np.ndarray]]  # array key -> one fresh array per requested box
+    direct: dict[str, list[tuple[int, int, np.ndarray]]]  # piece key -> (first row, end row, rows of an out)
+
+
+def plan_box_reads(manifest: dict[str, Any], specs: dict[str, ShardSpec]) -> BoxReads:
+    """Allocate the requested boxes, and find the pieces that can be read straight into
+    them: those whose every overlap with a box is whole rows of both (the same extent in
+    every dimension but the first), so that piece rows are contiguous bytes of the file
+    and box rows contiguous memory."""
+    from .dtypes import safetensors_to_numpy
+
+    reads = BoxReads({}, {})
+    if not specs or "shards" not in manifest:
+        return reads
+    shapes = {t[0]: tuple(t[3]) for t in manifest["tensors"]}
+    for key, code, shape, pieces in manifest["shards"]:
+        spec = specs.get(key)
+        if spec is None:
+            continue
+        dtype = safetensors_to_numpy(code)
+        assert dtype is not None  # validated with the manifest
+        if tuple(spec.shape) != tuple(shape) or np.dtype(spec.dtype) != dtype:
+            raise StateTreeError(f"sharded array {key!r}: stored {tuple(shape)} {dtype}, "
+                                 f"requested {tuple(spec.shape)} {np.dtype(spec.dtype)}")
+        outs = reads.outs[key] = [np.empty(tuple(b[1]), dtype=dtype) for b in spec.boxes]
+        for pk, offs in pieces:
+            segments = _row_segments(offs, shapes[pk], spec.boxes, outs)
+            if segments:
+                reads.direct[pk] = segments
+    return reads
+
+
+def _row_segments(offs: Sequence[int], shape: tuple[int, ...], boxes: Sequence[tuple[Sequence[int], Sequence[int]]],
+                  outs: Sequence[np.ndarray]) -> list[tuple[int, int, np.ndarray]]:
+    """A piece's overlaps with the boxes as (first row, end row, destination rows) when
+    each is whole rows of both and no two overlap; else ``[]``."""
+    if not shape:
+        return []
+    segments = []
+    for (b_offs, b_shape), out in zip(boxes, outs, strict=True):
+        if not _overlaps((offs, shape), (b_offs, b_shape)):
+            continue
+        if list(b_offs[1:]) != list(offs[1:]) or list(b_shape[1:]) != list(shape[1:]):
+            return []
+        lo, hi = max(b_offs[0], offs[0]), min(b_offs[0] + b_shape[0], offs[0] + shape[0])
+        segments.append((lo - offs[0], hi - offs[0], out[lo - b_offs[0]:hi - b_offs[0]]))
+    segments.sort(key=lambda seg: seg[0])
+    if any(a[1] > b[0] for a, b in zip(segments, segments[1:], strict=False)):
+        return []  # the same rows wanted twice (a box requested twice): copy instead
+    return segments
+
+
 def rows_needed(manifest: dict[str, Any], specs: dict[str, ShardSpec]) -> dict[str, tuple[int, int]]:
     """Stored pieces of which ``specs`` need only some rows (of the first dimension):
     piece key -> ``(first, end)`` row of the piece. Pieces needed whole are not listed."""
@@ -257,16 +307,19 @@ def rows_needed(manifest: dict[str, Any], specs: dict[str, ShardSpec]) -> dict[s
     return out
 
 
-def resolve_pieces(manifest: dict[str, Any], arrays: dict[str, Any],
-                   specs: dict[str, ShardSpec], rows: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+def resolve_pieces(manifest: dict[str, Any], arrays: dict[str, Any], specs: dict[str, ShardSpec],
+                   rows: dict[str, tuple[int, int]] | None = None, reads: BoxReads | None = None,
+                   ) -> dict[str, Any]:
     """Replace stored pieces by whole arrays, or by the requested boxes for keys in ``specs``.
 
-    ``rows``: pieces read only in part (see :func:`rows_needed`); ``arrays`` holds just
-    those rows of them."""
+    ``reads``: the boxes (see :func:`plan_box_reads`), already filled from the pieces read
+    straight into them; the other overlapping pieces are in ``arrays``, those in ``rows``
+    (see :func:`rows_needed`) only with the rows that were read."""
     from .dtypes import safetensors_to_numpy
 
     if "shards" not in manifest:
         return arrays
+    reads = reads or plan_box_reads(manifest, specs)
     shapes = {t[0]: tuple(t[3]) for t in manifest["tensors"]}
     for key, code, shape, pieces in manifest["shards"]:
         dtype = safetensors_to_numpy(code)
@@ -275,12 +328,11 @@ def resolve_pieces(manifest: dict[str, Any], arrays: dict[str, Any],
         if spec is None:
             arrays[key] = assemble(tuple(shape), dtype, [(offs, arrays[pk]) for pk, offs in pieces])
         else:
-            if tuple(spec.shape) != tuple(shape) or np.dtype(spec.dtype) != dtype:
-                raise StateTreeError(f"sharded array {key!r}: stored {tuple(shape)} {dtype}, "
-                                     f"requested {tuple(spec.shape)} {np.dtype(spec.dtype)}")
-            stored = [_rows_box(offs, pk, shapes[pk], (rows or {}).get(pk)) for pk, offs in pieces]
+            stored = [_rows_box(offs, pk, shapes[pk], (rows or {}).get(pk)) for pk, offs in pieces
+                      if pk not in reads.direct]
             arrays[key] = ShardedArray(tuple(shape), dtype, tuple(
-                Shard(tuple(box[0]), cut(box, stored, dtype, lambda p: arrays[p[0]])) for box in spec.boxes))
+                Shard(tuple(box[0]), cut(box, stored, lambda p: arrays[p[0]], out))
+                for box, out in zip(spec.boxes, reads.outs[key], strict=True)))
         for pk, _ in pieces:
             arrays.pop(pk, None)
     return arrays
