@@ -42,6 +42,7 @@ from .errors import (
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "BLOCK_BYTES", "TensorRecord", "FileRecord", "crc32c", "block_crcs",
+    "crc_of_blocks",
     "write_safetensors", "read_header", "read_tensors", "encode_framed", "decode_framed",
     "check_file_name",
 ]
@@ -94,6 +95,16 @@ def block_crcs(data: memoryview, block_bytes: int) -> tuple[int, tuple[int, ...]
         crcs.append(crc32c(data[full:]))
         whole = crc32c(data[full:], whole)
     return whole, tuple(crcs)
+
+
+def crc_of_blocks(crcs: Sequence[int], block_bytes: int, nbytes: int) -> int:
+    """The crc32c of ``nbytes`` bytes from the crc32c of each of their blocks (no data
+    needed): how a full load checks a piece's block checksums against its own."""
+    whole = 0
+    for i, c in enumerate(crcs):
+        length = min(block_bytes, nbytes - i * block_bytes)
+        whole = _gf2_times(_zeros_operator(length), whole) ^ c if length > 0 else whole
+    return whole
 
 
 def _gf2_times(matrix: Sequence[int], vector: int) -> int:

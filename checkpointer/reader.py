@@ -147,6 +147,12 @@ def load_checkpoint(store: Store, name: str, *, verify: bool = True,
                         _read_into(f, store.url_of(rel), e, [(first, end, arrays[e.key])], check)
                     else:
                         _read_into(f, store.url_of(rel), e, reads.direct[e.key], check)
+    if verify:  # the block checksums of the pieces read whole must agree with theirs
+        for t in manifest["tensors"]:
+            if t[0] in blocks and t[0] in arrays and t[0] not in rows and \
+                    fmt.crc_of_blocks(blocks[t[0]], manifest["block_bytes"], t[5] - t[4]) != t[6]:
+                raise ChecksumMismatchError(f"{store.url_of(name)}/{fmt.MANIFEST_NAME}: the block "
+                                            f"checksums of {t[0]!r:.80} disagree with its checksum")
     arrays = resolve_pieces(manifest, arrays, specs or {}, rows, reads)
     try:
         return unflatten(manifest["tree"], arrays), manifest

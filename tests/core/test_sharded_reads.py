@@ -33,6 +33,20 @@ def test_block_checksums_and_the_whole_come_from_one_pass(data, block):
     whole, blocks = fmt.block_crcs(memoryview(data), block)
     assert whole == fmt.crc32c(data)  # combined from the blocks' crcs
     assert list(blocks) == [fmt.crc32c(data[i:i + block]) for i in range(0, len(data), block)]
+    assert fmt.crc_of_blocks(blocks, block, len(data)) == whole
+
+
+def test_a_wrong_block_checksum_fails_a_full_load_and_the_reads_of_that_block(tmp_path):
+    full = np.arange(128 * 64, dtype=np.float32).reshape(128, 64)  # 16 KiB pieces: 4 blocks
+    name = save(tmp_path, full, [64])
+    m = _manifest(tmp_path / name)
+    m["blocks"]["x@64.0"][2] ^= 1
+    _put_manifest(tmp_path / name, m)  # a consistent manifest, with a wrong block checksum
+    with pytest.raises(ChecksumMismatchError, match="block checksums of 'x@64.0'"):
+        checkpointer.load(tmp_path / name)
+    with pytest.raises(ChecksumMismatchError, match="block 2"):
+        restore(tmp_path, full, [((96, 0), (32, 64))])
+    assert np.array_equal(restore(tmp_path, full, [((64, 0), (32, 64))])[0], full[64:96])  # blocks 0-1
 
 
 def sharded(full: np.ndarray, cuts: list[int]) -> ShardedArray:
