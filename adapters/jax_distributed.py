@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from checkpointer.distributed import KeyValueCoordinator
 from checkpointer.errors import StateTreeError
 from checkpointer.sharding import Shard, ShardedArray, ShardSpec
 
-__all__ = ["JaxCoordinator", "KeyValueCoordinator", "array_to_sharded", "array_spec", "to_state", "template", "from_state"]
+__all__ = ["JaxCoordinator", "array_to_sharded", "array_spec", "to_state", "template", "from_state"]
 
 
 def _pad(data: bytes, width: int) -> np.ndarray:
@@ -66,59 +67,25 @@ class JaxCoordinator:
         return [bytes(rows[i, : int(sizes[i])].tobytes()) for i in range(self.world_size)]
 
 
-    def background(self) -> KeyValueCoordinator:
+    def background(self, timeout_s: float = 1800.0) -> KeyValueCoordinator:
         """A coordinator for the asynchronous writer thread: it talks through the
         ``jax.distributed`` key-value store, not through device collectives, so it never
-        interleaves with the computations of the training loop."""
-        return KeyValueCoordinator()
-
-
-class KeyValueCoordinator:
-    """A coordinator over the key-value store of ``jax.distributed`` (usable from any
-    thread). Each instance has its own key prefix; every process must create its
-    instances in the same order. Keys are deleted once every process has read them."""
-
-    _instances = 0
-
-    def __init__(self, timeout_s: float = 1800.0) -> None:
+        interleaves with the computations of the training loop. Every process calls it at
+        the same point."""
         from jax._src import distributed
 
         client = distributed.global_state.client
         if client is None:
             raise RuntimeError("jax.distributed is not initialized")
-        KeyValueCoordinator._instances += 1
-        self._client, self._timeout_ms = client, int(timeout_s * 1000)
-        self._prefix = f"checkpointer/kv{KeyValueCoordinator._instances}"
-        self._calls = 0
-        self._read_by_all: list[str] = []
-        self.rank = jax.process_index()
-        self.world_size = jax.process_count()
+        global _BACKGROUND
+        _BACKGROUND += 1
+        timeout_ms = int(timeout_s * 1000)
+        return KeyValueCoordinator(
+            self.rank, self.world_size, f"checkpointer/kv{_BACKGROUND}", client.key_value_set_bytes,
+            lambda key: client.blocking_key_value_get_bytes(key, timeout_ms), client.key_value_delete)
 
-    def _key(self) -> str:
-        self._calls += 1
-        return f"{self._prefix}/{self._calls}"
 
-    def broadcast_bytes(self, data: bytes | None) -> bytes:
-        key = self._key()
-        if self.rank == 0:
-            self._client.key_value_set_bytes(key, data or b"")
-            self._read_by_all.append(key)  # deleted at the next gather: all have read it then
-            return data or b""
-        return bytes(self._client.blocking_key_value_get_bytes(key, self._timeout_ms))
-
-    def gather_bytes(self, data: bytes) -> list[bytes] | None:
-        key = self._key()
-        if self.rank != 0:
-            self._client.key_value_set_bytes(f"{key}/{self.rank}", data)
-            return None
-        rows = [data]
-        for r in range(1, self.world_size):
-            rows.append(bytes(self._client.blocking_key_value_get_bytes(f"{key}/{r}", self._timeout_ms)))
-            self._client.key_value_delete(f"{key}/{r}")
-        for old in self._read_by_all:
-            self._client.key_value_delete(old)
-        self._read_by_all.clear()
-        return rows
+_BACKGROUND = 0  # background coordinators made by this process
 
 
 def _start(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -24,19 +24,25 @@ except ImportError as exc:  # pragma: no cover - exercised without torch only
         "checkpointer.adapters.torch_distributed needs PyTorch: pip install 'checkpointer-engine[torch]'"
     ) from exc
 
+import datetime
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from torch.distributed import distributed_c10d
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from checkpointer.distributed import KeyValueCoordinator
 from checkpointer.errors import StateTreeError
 from checkpointer.sharding import Shard, ShardedArray, ShardSpec
 
 from ._torch_codec import array_to_tensor, tensor_to_array
 
 __all__ = ["TorchCoordinator", "dtensor_to_sharded", "dtensor_spec", "to_state", "template", "load_state"]
+
+_BACKGROUND: dict[tuple[int, ...], int] = {}  # background coordinators made, per group of ranks
 
 
 
@@ -61,12 +67,21 @@ class TorchCoordinator:
         self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
             else torch.device("cpu")
 
-    def background(self) -> TorchCoordinator:
-        """A coordinator over a new gloo group of the same ranks, for the asynchronous
-        writer thread (collectives on one group must not interleave between threads).
-        Every rank of the group calls it at the same point."""
-        ranks = dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD)
-        return TorchCoordinator(dist.new_group(ranks, backend="gloo", use_local_synchronization=True))
+    def background(self, timeout_s: float = 1800.0) -> KeyValueCoordinator:
+        """A coordinator for the asynchronous writer thread, over torch.distributed's store
+        (a connection of its own), not over collectives: those of one group must not
+        interleave between threads. Every rank of the group calls it at the same point."""
+        ranks = tuple(dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD))
+        _BACKGROUND[ranks] = n = _BACKGROUND.get(ranks, 0) + 1
+        store = distributed_c10d._get_default_store().clone()
+        wait = datetime.timedelta(seconds=timeout_s)
+
+        def get(key: str) -> bytes:
+            store.wait([key], wait)
+            value: bytes = store.get(key)
+            return value
+        prefix = f"checkpointer/{zlib.crc32(repr(ranks).encode()):08x}-{len(ranks)}/{n}"
+        return KeyValueCoordinator(self.rank, self.world_size, prefix, store.set, get, store.delete_key)
 
     def broadcast_bytes(self, data: bytes | None) -> bytes:
         """Rank 0's ``data`` on every rank of the group."""

@@ -21,7 +21,7 @@ import msgpack
 
 from .errors import CheckpointError
 
-__all__ = ["Coordinator", "SingleProcess", "background_coordinator", "detect_coordinator", "run_on_primary",
+__all__ = ["Coordinator", "SingleProcess", "KeyValueCoordinator", "background_coordinator", "detect_coordinator", "run_on_primary",
            "pack", "unpack"]
 
 _T = TypeVar("_T")
@@ -44,6 +44,56 @@ class Coordinator(Protocol):
     def gather_bytes(self, data: bytes) -> list[bytes] | None:
         """Every rank's ``data`` in rank order on rank 0; ``None`` on the others."""
         ...
+
+
+class KeyValueCoordinator:
+    """A coordinator over a key-value store that every process reaches (the store of
+    torch.distributed, the client of ``jax.distributed``): it can run on any thread and
+    never interleaves with the collectives of the training loop.
+
+    ``put(key, value)`` stores bytes, ``get(key)`` waits for a key and returns its bytes,
+    ``delete(key)`` removes it. ``prefix`` is the same on every process and used by this
+    coordinator alone. Rank 0 deletes every key once all ranks have read it: a gather's
+    keys when it has them all, a broadcast's at the next gather or at :meth:`close`
+    (every rank has read it by then).
+    """
+
+    def __init__(self, rank: int, world_size: int, prefix: str, put: Callable[[str, bytes], Any],
+                 get: Callable[[str], bytes], delete: Callable[[str], Any]) -> None:
+        self.rank, self.world_size = rank, world_size
+        self._prefix, self._put, self._get, self._delete = prefix, put, get, delete
+        self._calls = 0
+        self._read_by_all: list[str] = []
+
+    def _key(self) -> str:
+        self._calls += 1
+        return f"{self._prefix}/{self._calls}"
+
+    def broadcast_bytes(self, data: bytes | None) -> bytes:
+        key = self._key()
+        if self.rank == 0:
+            self._put(key, data or b"")
+            self._read_by_all.append(key)
+            return data or b""
+        return bytes(self._get(key))
+
+    def gather_bytes(self, data: bytes) -> list[bytes] | None:
+        key = self._key()
+        if self.rank != 0:
+            self._put(f"{key}/{self.rank}", data)
+            return None
+        rows = [data]
+        for r in range(1, self.world_size):
+            rows.append(bytes(self._get(f"{key}/{r}")))
+            self._delete(f"{key}/{r}")
+        self.close()  # every rank has passed the broadcasts before this gather
+        return rows
+
+    def close(self) -> None:
+        """Delete the broadcast keys (rank 0; call once every rank has read them)."""
+        for key in self._read_by_all:
+            self._delete(key)
+        self._read_by_all.clear()
 
 
 def background_coordinator(coord: Coordinator) -> Coordinator | None:

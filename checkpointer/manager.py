@@ -103,6 +103,7 @@ class CheckpointManager:
         self._coord = coordinator if coordinator is not None else detect_coordinator()
         # several processes save asynchronously through a coordinator of their own
         self._bg = background_coordinator(self._coord) if async_save else None
+        self._bg_released = False
         if async_save and self._coord.world_size > 1 and self._bg is None:
             log.info("%s offers no background coordinator: saves are synchronous",
                      type(self._coord).__name__)
@@ -239,6 +240,8 @@ class CheckpointManager:
         if self._coord.world_size == 1:
             plan = decide()
             return None if plan is None else self._execute(plan, state)
+        if self._bg_released:  # saving again after close(): every rank is here too
+            self._bg, self._bg_released = background_coordinator(self._coord), False
 
         def decide_after_previous() -> dict[str, Any] | None:
             plan = decide()
@@ -443,12 +446,18 @@ class CheckpointManager:
             run_on_primary(self._coord, self._async.wait, lambda _: None, lambda _: None)
 
     def close(self) -> None:
-        """Wait for any in-flight save, then release resources. With several processes,
-        call it before the process group is destroyed."""
+        """Wait for any in-flight save, then release resources (with several processes, the
+        writer threads' coordinator too: a later save makes a new one). With several
+        processes, call it before the process group is destroyed."""
         if self._async is not None:
             if self._coord.rank != 0:
                 self._async.close()
             run_on_primary(self._coord, self._async.close, lambda _: None, lambda _: None)
+        if self._bg is not None:  # every rank's writer is done with it: release it
+            bg, self._bg, self._bg_released = self._bg, None, True
+            release = getattr(bg, "close", None)
+            if release is not None:
+                release()
 
     def __enter__(self) -> CheckpointManager:
         return self

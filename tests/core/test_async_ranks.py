@@ -15,17 +15,41 @@ import pytest
 
 import checkpointer
 from checkpointer import CheckpointError, CheckpointManager, collective
+from checkpointer.distributed import KeyValueCoordinator
 from checkpointer.sharding import Shard, ShardedArray
 
 RANKS = 3
+
+
+class _Store:
+    """A key-value store shared by the thread ranks (as torch's TCPStore or the
+    jax.distributed client would be by processes)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.cond = threading.Condition()
+
+    def put(self, key: str, value: bytes) -> None:
+        with self.cond:
+            assert key not in self.data, f"key {key} written twice"
+            self.data[key] = bytes(value)
+            self.cond.notify_all()
+
+    def get(self, key: str) -> bytes:
+        with self.cond:
+            assert self.cond.wait_for(lambda: key in self.data, timeout=60), f"no key {key}"
+            return self.data[key]
+
+    def delete(self, key: str) -> None:
+        with self.cond:
+            del self.data[key]
 
 
 class _Group:
     def __init__(self, n: int) -> None:
         self.n, self.slots = n, [b""] * n
         self.barrier = threading.Barrier(n, timeout=60)
-        self.children: list[_Group] = []
-        self.lock = threading.Lock()
+        self.store = _Store()
 
 
 class ThreadCoordinator:
@@ -50,22 +74,23 @@ class ThreadCoordinator:
         self.group.barrier.wait()
         return out
 
-    def background(self) -> ThreadCoordinator:
-        with self.group.lock:
-            if len(self.group.children) <= self._forks:
-                self.group.children.append(_Group(self.group.n))
-            child = self.group.children[self._forks]
-        self._forks += 1
-        return ThreadCoordinator(child, self.rank)
+    def background(self) -> KeyValueCoordinator:
+        self._forks += 1  # every rank makes its background coordinators in the same order
+        store = self.group.store
+        return KeyValueCoordinator(self.rank, self.world_size, f"bg{self._forks}", store.put, store.get,
+                                   store.delete)
 
 
 class NoBackground(ThreadCoordinator):
     background = None  # type: ignore[assignment]
 
 
-def run_ranks(body: Callable[[int, ThreadCoordinator], Any], coordinator: type = ThreadCoordinator) -> list[Any]:
+def run_ranks(body: Callable[[int, ThreadCoordinator], Any], coordinator: type = ThreadCoordinator,
+              stores: list[_Store] | None = None) -> list[Any]:
     """Run ``body(rank, coord)`` on RANKS threads; their results, or raise the first error."""
     group = _Group(RANKS)
+    if stores is not None:
+        stores.append(group.store)
     results: list[Any] = [None] * RANKS
 
     def target(rank: int) -> None:
@@ -126,12 +151,16 @@ def test_async_saves_of_several_ranks_run_in_the_background_and_keep_the_values(
         names = [c.name for c in mgr.checkpoints]
         assert mgr.restore("latest").state["step"] == 5
         mgr.close()
+        assert mgr.save(state(rank, 6.0), step=6).nbytes == 0  # after close: a new background group
+        mgr.close()
         return names
 
-    names = run_ranks(body)
+    stores: list[_Store] = []
+    names = run_ranks(body, stores=stores)
     assert names[0] == names[1] == names[2] == [f"step-{s:09d}" for s in (3, 4, 5)]
+    assert stores[0].data == {}  # every key deleted once all ranks had read it
     assert writers and all(n.startswith("checkpointer-save") for n in writers)
-    for step in (3, 4, 5):
+    for step in (4, 5, 6):  # keep_last=3: step 6 (saved after close) replaced step 3
         loaded = checkpointer.load(tmp_path / f"step-{step:09d}")
         assert np.array_equal(loaded["w"], np.full(5, step, np.float64))
         assert np.array_equal(loaded["x"], expected_x(step)) and loaded["step"] == step

@@ -44,7 +44,7 @@ if mode == "save":
     mgr.save(to_state({"x": x, "step": 1}), step=1)
     mgr.save(to_state({"x": x, "step": 2}), step=2)
 elif mode == "async":
-    from checkpointer.adapters.jax_distributed import KeyValueCoordinator  # noqa: E402
+    from checkpointer.distributed import KeyValueCoordinator  # noqa: E402
 
     sharding = NamedSharding(Mesh(devices.reshape(2, 2), ("a", "b")), P("a", "b"))
     mgr = CheckpointManager(directory, async_save=True, keep_last=2)

@@ -97,12 +97,14 @@ def test_async_saves_of_two_ranks_write_in_the_background(tmp_path):
     _run(2, WORKER.with_name("_async_worker.py"), str(directory), str(out))
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
-        assert r["names"] == ["step-000000002", "step-000000003"] and r["async"] == [True] * 3
+        assert r["names"] == ["step-000000003", "step-000000004"] and r["async"] == [True] * 4
         assert r["latest_bytes"] > 0
         # rank 0 writes the replicated state and its piece, rank 1 its piece: on writer threads
-        assert len(r["writers"]) == 3 and all(n.startswith("checkpointer-save") for n in r["writers"])
-    for step in (2, 3):
-        state = checkpointer.load(directory / f"step-{step:09d}")
-        assert np.array_equal(state["replicated"], np.full(64, float(step), np.float32))
-        assert np.array_equal(state["table"], np.arange(32, dtype=np.float32).reshape(8, 4) * step)
-        assert state["step"] == step
+        assert len(r["writers"]) == 4 and all(n.startswith("checkpointer-save") for n in r["writers"])
+    state = checkpointer.load(directory / "step-000000003")
+    assert np.array_equal(state["replicated"], np.full(64, 3.0, np.float32))
+    assert np.array_equal(state["table"], np.arange(32, dtype=np.float32).reshape(8, 4) * 3)
+    assert state["step"] == 3
+    state = checkpointer.load(directory / "step-000000004")  # saved after close(), the table overwritten
+    assert np.array_equal(state["replicated"], np.full(64, 4.0, np.float32))
+    assert np.array_equal(state["table"], np.full((8, 4), -1.0, np.float32)) and state["step"] == 4
