@@ -258,8 +258,6 @@ class CheckpointManager:
         coordinator) from each rank's writer thread once every rank has staged its part."""
         self._last_started = plan["time"]
         writer = self._async if self._bg is not None else None
-        if writer is not None:
-            writer.wait()  # (followers) the previous save's collectives are over: no-op
         coord = self._bg or self._coord
         error: Exception | None = None
         try:  # a rank that cannot prepare its part still takes part, to fail every rank

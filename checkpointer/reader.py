@@ -29,7 +29,6 @@ from .sharding import (
     pieces_needed,
     plan_box_reads,
     resolve_pieces,
-    rows_needed,
     validate_shards,
 )
 from .storage import Store
@@ -121,8 +120,7 @@ def load_checkpoint(store: Store, name: str, *, verify: bool = True,
     # needed, widened to whole blocks to verify them block by block (a piece too small to
     # have blocks is read whole to verify it); with verify=False just the bytes needed.
     blocks = manifest.get("blocks", {})
-    rows = {k: r for k, r in rows_needed(manifest, specs or {}).items()
-            if k not in reads.direct and (k in blocks or not verify)}
+    rows = {k: r for k, r in reads.rows.items() if k in blocks or not verify}
     wanted = pieces_needed(manifest, specs or {})
     whole = None if wanted is None else wanted - rows.keys() - reads.direct.keys()
     by_file: dict[str, dict[str, list[Any]]] = {f[0]: {} for f in manifest["files"]}
@@ -153,7 +151,7 @@ def load_checkpoint(store: Store, name: str, *, verify: bool = True,
                     fmt.crc_of_blocks(blocks[t[0]], manifest["block_bytes"], t[5] - t[4]) != t[6]:
                 raise ChecksumMismatchError(f"{store.url_of(name)}/{fmt.MANIFEST_NAME}: the block "
                                             f"checksums of {t[0]!r:.80} disagree with its checksum")
-    arrays = resolve_pieces(manifest, arrays, specs or {}, rows, reads)
+    arrays = resolve_pieces(manifest, arrays, specs or {}, reads, rows)
     try:
         return unflatten(manifest["tree"], arrays), manifest
     except ManifestError as exc:

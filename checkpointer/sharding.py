@@ -232,16 +232,18 @@ class BoxReads:
 
     outs: dict[str, list[np.ndarray]]  # array key -> one fresh array per requested box
     direct: dict[str, list[tuple[int, int, np.ndarray]]]  # piece key -> (first row, end row, rows of an out)
+    rows: dict[str, tuple[int, int]]  # other pieces needed in part -> (first row, end row) of the piece
 
 
 def plan_box_reads(manifest: dict[str, Any], specs: dict[str, ShardSpec]) -> BoxReads:
     """Allocate the requested boxes, and find the pieces that can be read straight into
     them: those whose every overlap with a box is whole rows of both (the same extent in
     every dimension but the first), so that piece rows are contiguous bytes of the file
-    and box rows contiguous memory."""
+    and box rows contiguous memory. Of the other pieces, those needed only in part get
+    the span of rows needed (read, then copied into the boxes)."""
     from .dtypes import safetensors_to_numpy
 
-    reads = BoxReads({}, {})
+    reads = BoxReads({}, {}, {})
     if not specs or "shards" not in manifest:
         return reads
     shapes = {t[0]: tuple(t[3]) for t in manifest["tensors"]}
@@ -259,7 +261,22 @@ def plan_box_reads(manifest: dict[str, Any], specs: dict[str, ShardSpec]) -> Box
             segments = _row_segments(offs, shapes[pk], spec.boxes, outs)
             if segments:
                 reads.direct[pk] = segments
+            elif (span := _rows_span(offs, shapes[pk], spec.boxes)) is not None:
+                reads.rows[pk] = span
     return reads
+
+
+def _rows_span(offs: Sequence[int], shape: tuple[int, ...], boxes: Sequence[tuple[Sequence[int], Sequence[int]]]
+               ) -> tuple[int, int] | None:
+    """The rows of a piece that the boxes overlap, when that is not all of it (or none)."""
+    if not shape:
+        return None
+    lo, hi = shape[0], 0
+    for box in boxes:
+        if _overlaps((offs, shape), box):
+            lo = min(lo, max(box[0][0] - offs[0], 0))
+            hi = max(hi, min(box[0][0] + box[1][0] - offs[0], shape[0]))
+    return (lo, hi) if lo < hi and (lo, hi) != (0, shape[0]) else None
 
 
 def _row_segments(offs: Sequence[int], shape: tuple[int, ...], boxes: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -282,44 +299,17 @@ def _row_segments(offs: Sequence[int], shape: tuple[int, ...], boxes: Sequence[t
     return segments
 
 
-def rows_needed(manifest: dict[str, Any], specs: dict[str, ShardSpec]) -> dict[str, tuple[int, int]]:
-    """Stored pieces of which ``specs`` need only some rows (of the first dimension):
-    piece key -> ``(first, end)`` row of the piece. Pieces needed whole are not listed."""
-    out: dict[str, tuple[int, int]] = {}
-    if not specs or "shards" not in manifest:
-        return out
-    shapes = {t[0]: t[3] for t in manifest["tensors"]}
-    for key, _, _, pieces in manifest["shards"]:
-        spec = specs.get(key)
-        if spec is None:
-            continue
-        for pk, offs in pieces:
-            shape = shapes[pk]
-            if not shape:
-                continue
-            lo, hi = shape[0], 0
-            for box in spec.boxes:
-                if _overlaps((offs, shape), box):
-                    lo = min(lo, max(box[0][0] - offs[0], 0))
-                    hi = max(hi, min(box[0][0] + box[1][0] - offs[0], shape[0]))
-            if lo < hi and (lo, hi) != (0, shape[0]):
-                out[pk] = (lo, hi)
-    return out
-
-
 def resolve_pieces(manifest: dict[str, Any], arrays: dict[str, Any], specs: dict[str, ShardSpec],
-                   rows: dict[str, tuple[int, int]] | None = None, reads: BoxReads | None = None,
-                   ) -> dict[str, Any]:
+                   reads: BoxReads, rows: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """Replace stored pieces by whole arrays, or by the requested boxes for keys in ``specs``.
 
     ``reads``: the boxes (see :func:`plan_box_reads`), already filled from the pieces read
     straight into them; the other overlapping pieces are in ``arrays``, those in ``rows``
-    (see :func:`rows_needed`) only with the rows that were read."""
+    (a subset of ``reads.rows``) only with the rows that were read."""
     from .dtypes import safetensors_to_numpy
 
     if "shards" not in manifest:
         return arrays
-    reads = reads or plan_box_reads(manifest, specs)
     shapes = {t[0]: tuple(t[3]) for t in manifest["tensors"]}
     for key, code, shape, pieces in manifest["shards"]:
         dtype = safetensors_to_numpy(code)
@@ -328,7 +318,7 @@ def resolve_pieces(manifest: dict[str, Any], arrays: dict[str, Any], specs: dict
         if spec is None:
             arrays[key] = assemble(tuple(shape), dtype, [(offs, arrays[pk]) for pk, offs in pieces])
         else:
-            stored = [_rows_box(offs, pk, shapes[pk], (rows or {}).get(pk)) for pk, offs in pieces
+            stored = [_rows_box(offs, pk, shapes[pk], rows.get(pk)) for pk, offs in pieces
                       if pk not in reads.direct]
             arrays[key] = ShardedArray(tuple(shape), dtype, tuple(
                 Shard(tuple(box[0]), cut(box, stored, lambda p: arrays[p[0]], out))
