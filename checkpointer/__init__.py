@@ -14,8 +14,6 @@ Example::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .api import load, save
 from .errors import (
     CheckpointError,
@@ -29,6 +27,7 @@ from .errors import (
 from .info import Checkpoint, CheckpointInfo
 from .lazy import CheckpointReader, LazyTensor, open
 from .manager import CheckpointManager, CheckpointWarning
+from .version import __version__
 
 __all__ = [
     "CheckpointManager",

@@ -84,6 +84,21 @@ def doomed(rel: str) -> Iterator[str]:
         release_owner(owner)
 
 
+def remove_checkpoint(store: Store, name: str) -> None:
+    """Delete checkpoint (or leftover) folder ``name`` so that a crash midway never leaves a
+    manifest naming deleted data: renamed aside first where rename is atomic (cleanup
+    finishes the delete), else the manifest goes first (the folder stops being a checkpoint
+    before any data object goes)."""
+    with doomed(name) as gone:
+        if gone != name and store.atomic_rename:
+            store.rename(name, gone)
+        else:
+            gone = name
+            if not store.atomic_rename and store.exists(f"{name}/{fmt.MANIFEST_NAME}"):
+                store.remove_file(f"{name}/{fmt.MANIFEST_NAME}")
+        store.remove_tree(gone)
+
+
 def owner_is_dead(owner: str) -> bool:
     """True only when ``owner`` ran on this host and its process (or its save) is gone."""
     m = _OWNER_RE.fullmatch(owner)
@@ -250,11 +265,11 @@ def _write_renaming(store: Store, name: str, work: _Work, owner: str) -> int:
             if old is not None and not store.exists(name):
                 store.rename(old, name)
             if store.exists(tmp):
-                store.remove_tree(tmp)
+                remove_checkpoint(store, tmp)
         raise
     if old is not None:
         with contextlib.suppress(CheckpointError):
-            store.remove_tree(old)
+            remove_checkpoint(store, old)
             store.fsync_dir("")
     return nbytes
 
@@ -321,14 +336,14 @@ def cleanup(store: Store, listing: Sequence[str] | None = None) -> list[str]:
             name, owner = parsed
             if owner_is_dead(owner):
                 if f"{name}/{fmt.MANIFEST_NAME}" in files:
-                    store.remove_tree(entry)
+                    remove_checkpoint(store, entry)
                 else:
                     store.rename(entry, name)
                 removed.append(entry)
         elif entry.startswith(TMP_PREFIX) and (parsed := _owner_of(entry, TMP_PREFIX)):
             if owner_is_dead(parsed[1]):
                 if entry + "/" in files:
-                    store.remove_tree(entry)
+                    remove_checkpoint(store, entry)
                 else:
                     store.remove_file(entry)
                 removed.append(entry)

@@ -336,7 +336,7 @@ class CheckpointManager:
     def _apply_retention(self) -> None:
         for name in self._retention.to_delete(self._records(), self._monitor, self._protected):
             try:
-                self._store.remove_tree(name)
+                commit.remove_checkpoint(self._store, name)
             except CheckpointError as exc:
                 log.warning("could not delete %s: %s", self._store.url_of(name), exc)
                 continue

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from .errors import ConfigurationError, MetricError
 
-__all__ = ["Monitor", "infer_mode"]
+__all__ = ["Monitor", "Score", "infer_mode", "check_options"]
 
 _MIN_WORDS = {"loss", "error", "err", "mse", "mae", "rmse", "mape", "msle", "nll", "cost",
               "perplexity", "ppl", "crossentropy", "entropy", "hinge", "kld", "kl",
@@ -40,6 +40,29 @@ def infer_mode(metric: str) -> Literal["min", "max"] | None:
     if lo != hi:
         return "min" if lo else "max"
     return None
+
+
+@dataclass(frozen=True)
+class Score:
+    """One save point's monitored value, judged once under the NaN policy.
+
+    ``value`` is what ranks the checkpoint (``None``: the metric is missing, so it is not
+    ranked; a NaN/inf under ``nan_policy="worst"`` stays and ranks worst); ``skip`` says why
+    the save point must not save at all (``nan_policy="skip"``), else ``None``.
+    """
+
+    value: float | None
+    skip: str | None = None
+
+    @property
+    def missing(self) -> bool:
+        """The monitored metric was not given."""
+        return self.value is None and self.skip is None
+
+    @property
+    def finite(self) -> bool:
+        """A value that can be the best."""
+        return self.value is not None and math.isfinite(self.value)
 
 
 @dataclass(frozen=True)
@@ -80,14 +103,7 @@ class Monitor:
                     f"mode='auto' cannot tell whether {metric!r} should go down or up; "
                     "pass mode='min' or mode='max'")
             mode = inferred
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) \
-                or not math.isfinite(min_delta) or min_delta < 0:
-            raise ConfigurationError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
-        if initial_value_threshold is not None and not _is_number(initial_value_threshold):
-            raise ConfigurationError(
-                f"initial_value_threshold must be a number or None, got {initial_value_threshold!r}")
-        if nan_policy not in ("worst", "skip", "raise"):
-            raise ConfigurationError(f"nan_policy must be 'worst', 'skip' or 'raise', got {nan_policy!r}")
+        check_options(min_delta, initial_value_threshold, nan_policy)
         threshold = None if initial_value_threshold is None else float(initial_value_threshold)
         return cls(metric, mode, float(min_delta), threshold, nan_policy)  # type: ignore[arg-type]
 
@@ -100,6 +116,27 @@ class Monitor:
         if not metrics or self.metric not in metrics or metrics[self.metric] is None:
             return None
         return to_float(self.metric, metrics[self.metric])
+
+    def score(self, metrics: Mapping[str, Any] | None) -> Score:
+        """The monitored value of ``metrics`` under this monitor's ``nan_policy``: the one
+        place where a NaN/inf is judged.
+
+        Raises:
+            MetricError: the value is not a number, or it is NaN/inf under ``"raise"``.
+
+        Example::
+
+            Monitor.create("val_loss", nan_policy="skip").score({"val_loss": float("nan")}).skip
+            # "'val_loss' is nan (nan_policy='skip')"
+        """
+        value = self.extract(metrics)
+        if value is None or math.isfinite(value):
+            return Score(value)
+        if self.nan_policy == "raise":
+            raise MetricError(f"monitored metric {self.metric!r} is {value} (nan_policy='raise')")
+        if self.nan_policy == "skip":
+            return Score(value, f"{self.metric!r} is {value} (nan_policy='skip')")
+        return Score(value)
 
     def is_improvement(self, value: float | None, best: float | None) -> bool:
         """Whether ``value`` strictly beats ``best`` and the initial threshold by ``min_delta``.
@@ -128,6 +165,25 @@ class Monitor:
         if value is None or not math.isfinite(value):
             return (1, 0.0)
         return (0, value if self.mode == "min" else -value)
+
+
+def check_options(min_delta: Any = 0.0, initial_value_threshold: Any = None,
+                  nan_policy: Any = "worst") -> None:
+    """Validate a monitor's options that do not depend on the metric or its mode (a
+    callback that resolves its mode later checks these when it is built).
+
+    Raises:
+        ConfigurationError: a negative or non-finite ``min_delta``, a non-number
+            ``initial_value_threshold``, or an unknown ``nan_policy``; the message has the value.
+    """
+    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) \
+            or not math.isfinite(min_delta) or min_delta < 0:
+        raise ConfigurationError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+    if initial_value_threshold is not None and not _is_number(initial_value_threshold):
+        raise ConfigurationError(
+            f"initial_value_threshold must be a number or None, got {initial_value_threshold!r}")
+    if nan_policy not in ("worst", "skip", "raise"):
+        raise ConfigurationError(f"nan_policy must be 'worst', 'skip' or 'raise', got {nan_policy!r}")
 
 
 def _is_number(x: Any) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .errors import ConfigurationError
 from .monitor import Monitor
 
-__all__ = ["Record", "Retention", "best_record"]
+__all__ = ["Record", "Retention", "best_record", "check_limit"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,17 @@ def best_record(records: Sequence[Record], monitor: Monitor | None) -> Record | 
     return min(ranked, key=lambda r: (monitor.sort_key(r.score), r.seq))
 
 
+def check_limit(name: str, value: object) -> None:
+    """Refuse a retention limit (``keep_last=``, ``keep_best=``, ...) that is not an int >= 0
+    or ``None``; the message names the option and the bad value.
+
+    Raises:
+        ConfigurationError: on a bad value.
+    """
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigurationError(f"{name} must be an int >= 0 or None, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Retention:
     """Kept = last ``keep_last`` ∪ best ``keep_best`` ∪ protected; both ``None`` keeps all.
@@ -52,10 +63,8 @@ class Retention:
     keep_best: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("keep_last", "keep_best"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ConfigurationError(f"{name} must be an int >= 0 or None, got {v!r}")
+        check_limit("keep_last", self.keep_last)
+        check_limit("keep_best", self.keep_best)
 
     def kept(self, records: Sequence[Record], monitor: Monitor | None,
              protected: Collection[str] = ()) -> set[str]:

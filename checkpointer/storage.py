@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -27,7 +28,6 @@ from .errors import (
     CorruptCheckpointError,
     StorageError,
 )
-from .format import MANIFEST_NAME
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "open_store", "split_url"]
 
@@ -237,14 +237,8 @@ class LocalStore(Store):
         _guard(f"deleting {self.path(rel)}", lambda: os.unlink(self.path(rel)))
 
     def remove_tree(self, rel: str) -> None:
-        """Delete folder ``rel``: renamed aside first, so a crash never leaves half of it."""
-        import shutil
-
-        from .commit import doomed  # commit imports this module
-        with doomed(rel) as gone:
-            if gone != rel:
-                self.rename(rel, gone)
-            _guard(f"deleting {self.path(rel)}", lambda: shutil.rmtree(self.path(gone)))
+        """Delete folder ``rel`` and everything in it (no ordering: see ``commit.remove_checkpoint``)."""
+        _guard(f"deleting {self.path(rel)}", lambda: shutil.rmtree(self.path(rel)))
 
     def fsync_dir(self, rel: str) -> None:
         def sync() -> None:
@@ -335,17 +329,8 @@ class FsspecStore(Store):
         _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm_file(self.path(rel)))
 
     def remove_tree(self, rel: str) -> None:
-        """Delete folder ``rel``; a crash midway leaves leftovers for cleanup, never a manifest
-        naming deleted data (renamed aside first, or else the manifest goes first)."""
-        from .commit import doomed  # commit imports this module
-        with doomed(rel) as gone:
-            if gone != rel and self.atomic_rename:
-                self.rename(rel, gone)
-                rel = gone
-            elif self.exists(f"{rel}/{MANIFEST_NAME}"):
-                self.remove_file(f"{rel}/{MANIFEST_NAME}")
-            _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm(self.path(rel), recursive=True))
-
+        """Delete folder ``rel`` and everything in it (no ordering: see ``commit.remove_checkpoint``)."""
+        _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm(self.path(rel), recursive=True))
 
     def _bucket_key(self, rel: str = "") -> tuple[str, str]:
         bucket, _, prefix = self.root.partition("/")
