@@ -22,8 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from checkpointer.commit import new_owner, owner_is_dead
 from checkpointer.errors import CheckpointNotFoundError, StorageError
+from checkpointer.owners import new_owner, owner_is_dead
 from checkpointer.storage import LocalStore, Store, open_store
 
 __all__ = [

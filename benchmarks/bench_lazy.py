@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import checkpointer  # noqa: E402
-from checkpointer.lazy import open as ck_open  # noqa: E402
+from checkpointer.reader import open as ck_open  # noqa: E402
 from checkpointer.tree import path_key  # noqa: E402
 
 
@@ -38,8 +38,8 @@ def run(large: bool = False, rounds: int = 10, only: list[str] | None = None) ->
     save_file(state, st)
     del state
     with ck_open(ck) as r:
-        t = next(t for t in r.manifest["tensors"] if t[0] == key)
-    data_file, begin, end = os.path.join(ck, t[1]), t[4], t[5]
+        t = next(t for t in r.manifest.tensors if t.key == key)
+    data_file, begin, end = os.path.join(ck, t.file), t.begin, t.end
 
     def ck_one() -> np.ndarray:
         with ck_open(ck) as r:

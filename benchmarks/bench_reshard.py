@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpointer import CheckpointManager  # noqa: E402
-from checkpointer.reader import read_manifest  # noqa: E402
+from checkpointer.manifest import read_manifest  # noqa: E402
 from checkpointer.sharding import Shard, ShardedArray, ShardSpec  # noqa: E402
 from checkpointer.storage import LocalStore, open_store  # noqa: E402
 
@@ -49,8 +49,8 @@ def main() -> None:
         mgr = CheckpointManager(d)
         name = mgr.save({"t": ShardedArray(full.shape, full.dtype, shards)}, step=0).name
         manifest = read_manifest(open_store(d), name)
-        pieces = {t[0]: t for t in manifest["tensors"]}
-        offsets = {k: o for _, _, _, ps in manifest["shards"] for k, o in ps}
+        pieces = {t.key: t for t in manifest.tensors}
+        offsets = {p.key: p.offsets for s in manifest.shards for p in s.pieces}
         needed = sum(n[0] for _, n in boxes) * cols * 4
         counted = {"n": 0}
         real_open = LocalStore.open_read
@@ -71,13 +71,13 @@ def main() -> None:
                 out = np.empty((n, cols), np.float32)
                 view, at = memoryview(out.reshape(-1).view(np.uint8)), 0
                 for key, t in pieces.items():  # the rows of each piece inside the box
-                    p0, p1 = offsets[key][0], offsets[key][0] + t[3][0]
+                    p0, p1 = offsets[key][0], offsets[key][0] + t.shape[0]
                     lo, hi = max(r0, p0), min(r0 + n, p1)
                     if lo >= hi:
                         continue
-                    fd = os.open(os.path.join(d, name, t[1]), os.O_RDONLY)
+                    fd = os.open(os.path.join(d, name, t.file), os.O_RDONLY)
                     want = (hi - lo) * cols * 4
-                    got = os.preadv(fd, [view[at:at + want]], t[4] + (lo - p0) * cols * 4)
+                    got = os.preadv(fd, [view[at:at + want]], t.begin + (lo - p0) * cols * 4)
                     os.close(fd)
                     assert got == want
                     counted["n"] += got

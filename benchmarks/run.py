@@ -3,7 +3,8 @@
 Scenarios (one script each, runnable alone): ``bench_save`` (synchronous save),
 ``bench_load`` (eager load, warm and cold), ``bench_lazy`` (one tensor of a 1 GiB
 checkpoint), ``bench_async`` (async saving in a training loop), ``bench_memory`` (peak
-memory, a fresh subprocess per method). Outputs go to ``benchmarks/results/``:
+memory, a fresh subprocess per method), ``bench_verify`` (verify throughput and peak memory
+beside raw reading). Outputs go to ``benchmarks/results/``:
 ``results.md``, ``results.json`` and ``throughput.png``, plus a goals summary.
 
 Usage: ``python benchmarks/run.py [--large] [--rounds N] [--only save load ...]``
@@ -27,6 +28,7 @@ import bench_lazy  # noqa: E402
 import bench_load  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_save  # noqa: E402
+import bench_verify  # noqa: E402
 import common  # noqa: E402
 
 SCENARIOS: dict[str, Callable[..., list[common.Row]]] = {
@@ -35,6 +37,7 @@ SCENARIOS: dict[str, Callable[..., list[common.Row]]] = {
     "lazy": bench_lazy.run,
     "async": bench_async.run,
     "memory": bench_memory.run,
+    "verify": bench_verify.run,
 }
 
 

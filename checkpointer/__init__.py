@@ -25,10 +25,13 @@ from .errors import (
     StorageError,
 )
 from .info import Checkpoint, CheckpointInfo
-from .lazy import CheckpointReader, LazyTensor, open
 from .manager import CheckpointManager, CheckpointWarning
+from .reader import CheckpointReader, LazyTensor
+from .reader import open as open  # noqa: A004 - public, but not in __all__ (see below)
 from .version import __version__
 
+# ``open`` is public (``checkpointer.open(url)``) but left out of ``__all__``, so that
+# ``from checkpointer import *`` never shadows the builtin.
 __all__ = [
     "CheckpointManager",
     "CheckpointInfo",
@@ -36,7 +39,6 @@ __all__ = [
     "CheckpointWarning",
     "save",
     "load",
-    "open",
     "CheckpointReader",
     "LazyTensor",
     "CheckpointError",

@@ -6,12 +6,15 @@ import os
 import time
 from typing import Any
 
-from . import commit, reader
+from .commit import write_checkpoint
 from .errors import StateTreeError
 from .info import CheckpointInfo
+from .load import load_checkpoint
+from .manifest import Manifest, read_manifest
 from .naming import check_name
 from .storage import open_store, split_url
 from .tree import flatten, resolve_state, unflatten
+from .version import LIBRARY
 
 __all__ = ["save", "load", "load_with_manifest", "read_metadata"]
 
@@ -36,18 +39,17 @@ def save(url: str | os.PathLike[str], state: Any, *, metadata: Any = None,
         if meta_arrays:
             raise StateTreeError("metadata must hold plain values only, not arrays")
     now = time.time()
-    from . import __version__
     fields: dict[str, Any] = {"step": None, "epoch": None, "metrics": {}, "time": now, "managed": False,
-              "seq": -1, "library": f"checkpointer-engine {__version__}", "metadata": meta_skeleton}
-    nbytes = commit.write_checkpoint(store, name, skeleton, arrays, fields).nbytes
+                              "seq": -1, "library": LIBRARY, "metadata": meta_skeleton}
+    nbytes = write_checkpoint(store, name, skeleton, arrays, fields).nbytes
     return CheckpointInfo(name, store.url_of(name), None, None, {}, now, nbytes)
 
 
 def load_with_manifest(url: str | os.PathLike[str], *, verify: bool = True,
-                       storage_options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+                       storage_options: dict[str, Any] | None = None) -> tuple[Any, Manifest]:
     """``(state, manifest)`` of the checkpoint folder ``url``."""
     parent, name = split_url(os.fspath(url))
-    return reader.load_checkpoint(open_store(parent, storage_options), name, verify=verify)
+    return load_checkpoint(open_store(parent, storage_options), name, verify=verify)
 
 
 def load(url: str | os.PathLike[str], *, verify: bool = True,
@@ -65,6 +67,6 @@ def load(url: str | os.PathLike[str], *, verify: bool = True,
 def read_metadata(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> Any:
     """The user metadata stored with :func:`save` (``None`` when there is none)."""
     parent, name = split_url(os.fspath(url))
-    manifest = reader.read_manifest(open_store(parent, storage_options), name)
+    manifest = read_manifest(open_store(parent, storage_options), name)
     meta = manifest.get("metadata")
     return None if meta is None else unflatten(meta, {})

@@ -8,13 +8,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, reader
+from .demo import run_demo
 from .errors import CheckpointError
-from .format import MANIFEST_NAME
 from .index import load_entries, read_index_meta
+from .load import verify_checkpoint
+from .manifest import MANIFEST_NAME, read_manifest
 from .monitor import Monitor
 from .retention import Record, best_record
 from .storage import Store, open_store, split_url
+from .tree import unflatten
+from .version import LIBRARY
 
 __all__ = ["main"]
 
@@ -67,17 +70,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     parent, name = split_url(args.checkpoint)
     store = open_store(parent)
-    m = reader.read_manifest(store, name)
+    m = read_manifest(store, name)
     print(f"checkpoint  {store.url_of(name)}")
     for key in ("library", "step", "epoch", "time"):
         print(f"{key:<11} {m.get(key)}")
     print(f"metrics     {_fmt_metrics(m.get('metrics') or {})}")
     if m.get("metadata") is not None:
-        from .tree import unflatten
-        print(f"metadata    {unflatten(m['metadata'], {})!r}")
-    print(f"files       {', '.join(f'{f[0]} ({_size(f[1])})' for f in m['files'])}")
+        print(f"metadata    {unflatten(m.get('metadata'), {})!r}")
+    print(f"files       {', '.join(f'{f.name} ({_size(f.nbytes)})' for f in m.files)}")
     rows = [["KEY", "DTYPE", "SHAPE", "BYTES", "FILE"]]
-    rows += [[t[0], t[2], "x".join(map(str, t[3])) or "scalar", str(t[5] - t[4]), t[1]] for t in m["tensors"]]
+    rows += [[t.key, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(t.nbytes), t.file] for t in m.tensors]
     print(_table(rows))
     return 0
 
@@ -97,7 +99,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     failed = 0
     for store, name in stores:
         try:
-            reader.load_checkpoint(store, name, verify=True)
+            verify_checkpoint(store, name)
             print(f"ok      {store.url_of(name)}")
         except CheckpointError as exc:
             failed += 1
@@ -107,8 +109,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    return run_demo(args.directory, epochs=args.epochs, interrupt_at=args.interrupt_at)
+    """The demo's two runs, then ``ls`` and ``verify`` of what they left."""
+    run_demo(args.directory, epochs=args.epochs, interrupt_at=args.interrupt_at)
+    print(f"== checkpointer ls {args.directory}")
+    cmd_ls(argparse.Namespace(url=args.directory, monitor=None, mode=None))
+    print(f"== checkpointer verify {args.directory}")
+    return cmd_verify(argparse.Namespace(url=args.directory))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="checkpointer", description=(
         "List, inspect and verify checkpoints written by checkpointer-engine "
         "(safetensors + msgpack manifest), locally or on any fsspec URL."))
-    p.add_argument("--version", action="version", version=f"checkpointer-engine {__version__}")
+    p.add_argument("--version", action="version", version=LIBRARY)
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train a small numpy model, interrupt it, resume, list the checkpoints")
     d.add_argument("directory", nargs="?", default="demo-checkpoints")

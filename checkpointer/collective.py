@@ -16,23 +16,31 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import format as fmt
 from .commit import Participants, write_rank_files
 from .distributed import Coordinator, pack, unpack
 from .errors import CheckpointError
 from .info import CheckpointInfo
+from .manifest import FileRow, Piece, TensorRow
 from .sharding import split_pieces
 from .storage import Store
 
 __all__ = ["primary_save", "follower_save", "agree"]
 
 
-def _file_row(f: fmt.FileRecord) -> list[Any]:
-    return [f.name, f.nbytes, f.crc32c]
+def _rank_reply(files: list[FileRow], tensors: list[TensorRow], pieces: list[Piece]) -> dict[str, Any]:
+    """One rank's written rows, as sent to rank 0 (the manifest's own row encodings)."""
+    return {"ok": True, "files": [f.encode() for f in files], "tensors": [t.encode() for t in tensors],
+            "pieces": [list(p) for p in pieces], "blocks": {t.key: list(t.blocks) for t in tensors if t.blocks}}
 
 
-def _tensor_row(t: fmt.TensorRecord) -> list[Any]:
-    return [t.key, t.file, t.dtype, list(t.shape), t.begin, t.end, t.crc32c]
+def _rank_rows(reply: dict[str, Any]) -> tuple[list[FileRow], list[TensorRow], list[Piece]]:
+    """The rows of :func:`_rank_reply` back as typed rows."""
+    blocks = reply.get("blocks", {})
+    files = [FileRow(*row) for row in reply["files"]]
+    tensors = [TensorRow(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6], tuple(blocks.get(r[0], ())))
+               for r in reply["tensors"]]
+    pieces = [Piece(p[0], p[1], tuple(p[2]), p[3], tuple(p[4]), tuple(p[5])) for p in reply["pieces"]]
+    return files, tensors, pieces
 
 
 class _Primary(Participants):
@@ -45,8 +53,8 @@ class _Primary(Participants):
         self.coord.broadcast_bytes(pack({"ok": True, "folder": folder, "prefix": prefix}))
         self.step = 1
 
-    def collect(self, files: list[fmt.FileRecord], tensors: list[fmt.TensorRecord],
-                shards: list[list[Any]]) -> tuple[list[fmt.FileRecord], list[fmt.TensorRecord], list[list[Any]]]:
+    def collect(self, files: list[FileRow], tensors: list[TensorRow], pieces: list[Piece]
+                ) -> tuple[list[FileRow], list[TensorRow], list[Piece]]:
         replies = self.coord.gather_bytes(pack({"ok": True}))
         self.step = 2
         assert replies is not None
@@ -54,12 +62,9 @@ class _Primary(Participants):
             reply = unpack(raw)
             if not reply.get("ok"):
                 raise CheckpointError(f"rank {rank} failed to write its part: {reply.get('error')}")
-            files += [fmt.FileRecord(*row) for row in reply["files"]]
-            blocks = reply.get("blocks", {})
-            tensors += [fmt.TensorRecord(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6],
-                                         tuple(blocks.get(r[0], ()))) for r in reply["tensors"]]
-            shards += reply["shards"]
-        return files, tensors, shards
+            more = _rank_rows(reply)
+            files, tensors, pieces = files + more[0], tensors + more[1], pieces + more[2]
+        return files, tensors, pieces
 
 
 def primary_save(coord: Coordinator, write: Callable[[Participants], CheckpointInfo],
@@ -95,14 +100,12 @@ def follower_save(coord: Coordinator, store: Store, arrays: Sequence[tuple[str, 
         if error is not None:
             raise error
         _, pieces, meta = split_pieces(arrays, primary=False)
-        files: list[fmt.FileRecord] = []
-        tensors: list[fmt.TensorRecord] = []
+        files: list[FileRow] = []
+        tensors: list[TensorRow] = []
         if pieces:
             files, tensors = write_rank_files(store, where["folder"], f"{where['prefix']}r{coord.rank:05d}-",
                                               pieces, max_file_bytes)
-        reply = {"ok": True, "files": [_file_row(f) for f in files],
-                 "tensors": [_tensor_row(t) for t in tensors], "shards": meta,
-                 "blocks": {t.key: list(t.blocks) for t in tensors if t.blocks}}
+        reply = _rank_reply(files, tensors, meta)
     except Exception as exc:
         reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     coord.gather_bytes(pack(reply))

@@ -14,57 +14,38 @@ removes only leftovers of owners that are provably dead (this host, process gone
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import secrets
-import socket
-import threading
 from collections.abc import Container, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from . import format as fmt
-from .errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    StorageError,
-)
+from .errors import CheckpointError, StorageError
 from .gcpause import without_gc
-from .reader import MANIFEST_MAGIC, load_checkpoint, read_manifest
-from .sharding import (
-    merge_shards,
-    split_pieces,
+from .index import forget_index
+from .manifest import (
+    MANIFEST_NAME,
+    FileRow,
+    Manifest,
+    Piece,
+    TensorRow,
+    merge_pieces,
+    read_manifest,
 )
+from .owners import OWNER_PATTERN, is_owner, new_owner, owner_is_dead, release_owner
+from .sharding import split_pieces
 from .storage import Store
 
-__all__ = ["write_checkpoint", "read_manifest", "load_checkpoint", "cleanup", "new_owner",
-           "MANIFEST_MAGIC", "TMP_PREFIX", "OLD_PREFIX", "DEFAULT_MAX_FILE_BYTES"]
+__all__ = ["write_checkpoint", "write_rank_files", "remove_checkpoint", "cleanup", "Committed",
+           "Participants", "TMP_PREFIX", "OLD_PREFIX", "DEFAULT_MAX_FILE_BYTES"]
 
 TMP_PREFIX = ".ckpt-tmp-"
 OLD_PREFIX = ".ckpt-old-"
 DEFAULT_MAX_FILE_BYTES = 4 << 30
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
-_OWNER_RE = re.compile(r"(?P<host>[A-Za-z0-9]+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-f]+)")
 _DATA_RE = re.compile(
-    r"^data-(?:(?P<owner>[A-Za-z0-9]+\.\d+\.[0-9a-f]+)-)?(?:r\d{5}-)?\d{5}\.safetensors$")
-_active: set[str] = set()
-_active_lock = threading.Lock()
-
-
-def new_owner() -> str:
-    """A fresh owner token, registered as live in this process until released."""
-    token = f"{_HOST}.{os.getpid()}.{secrets.token_hex(4)}"
-    with _active_lock:
-        _active.add(token)
-    return token
-
-
-def release_owner(owner: str) -> None:
-    """Mark ``owner`` finished: its leftovers may now be cleaned up."""
-    with _active_lock:
-        _active.discard(owner)
+    rf"^data-(?:(?P<owner>{OWNER_PATTERN})-)?(?:r\d{{5}}-)?\d{{5}}\.safetensors$")
 
 
 @contextlib.contextmanager
@@ -94,27 +75,9 @@ def remove_checkpoint(store: Store, name: str) -> None:
             store.rename(name, gone)
         else:
             gone = name
-            if not store.atomic_rename and store.exists(f"{name}/{fmt.MANIFEST_NAME}"):
-                store.remove_file(f"{name}/{fmt.MANIFEST_NAME}")
+            if not store.atomic_rename and store.exists(f"{name}/{MANIFEST_NAME}"):
+                store.remove_file(f"{name}/{MANIFEST_NAME}")
         store.remove_tree(gone)
-
-
-def owner_is_dead(owner: str) -> bool:
-    """True only when ``owner`` ran on this host and its process (or its save) is gone."""
-    m = _OWNER_RE.fullmatch(owner)
-    if m is None or m["host"] != _HOST:
-        return False
-    pid = int(m["pid"])
-    if pid == os.getpid():
-        with _active_lock:
-            return owner not in _active
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _plan(arrays: Sequence[tuple[str, np.ndarray]], max_file_bytes: int) -> list[list[tuple[str, np.ndarray]]]:
@@ -157,8 +120,7 @@ def write_checkpoint(
                  frozenset(k for k, _ in pieces))
     try:
         write = _write_renaming if store.atomic_rename else _write_object_store
-        nbytes = write(store, name, work, owner)
-        return Committed(nbytes, work.stamp[-1] if work.stamp else "")
+        return write(store, name, work, owner)
     finally:
         release_owner(owner)
 
@@ -172,25 +134,24 @@ class Participants(Protocol):
 
     def staged(self, folder: str, prefix: str) -> None: ...
 
-    def collect(self, files: list[fmt.FileRecord], tensors: list[fmt.TensorRecord],
-                shards: list[list[Any]]) -> tuple[list[fmt.FileRecord], list[fmt.TensorRecord], list[list[Any]]]: ...
+    def collect(self, files: list[FileRow], tensors: list[TensorRow], pieces: list[Piece]
+                ) -> tuple[list[FileRow], list[TensorRow], list[Piece]]: ...
 
 
 @dataclass(frozen=True)
 class _Work:
     skeleton: Any
     arrays: list[tuple[str, np.ndarray]]
-    shards: list[list[Any]]
+    pieces: list[Piece]
     fields: dict[str, Any]
     max_file_bytes: int
     participants: Participants | None
     piece_keys: frozenset[str]
-    stamp: list[str] = field(default_factory=list)  # filled by _write_files
 
 
 def write_rank_files(store: Store, folder: str, prefix: str, arrays: Sequence[tuple[str, np.ndarray]],
                      max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, *, pieces: Container[str] | None = None,
-                     ) -> tuple[list[fmt.FileRecord], list[fmt.TensorRecord]]:
+                     ) -> tuple[list[FileRow], list[TensorRow]]:
     """Write (and make durable) one rank's data files into a staging ``folder``.
 
     ``pieces``: the keys that are pieces of sharded arrays (all of them when ``None``);
@@ -209,48 +170,43 @@ def write_rank_files(store: Store, folder: str, prefix: str, arrays: Sequence[tu
     return files, tensors
 
 
-def _write_files(store: Store, folder: str, prefix: str, work: _Work) -> tuple[int, list[str]]:
+def _write_files(store: Store, folder: str, prefix: str, work: _Work) -> tuple[Committed, list[str]]:
+    """This rank's data files, the other ranks' (through ``participants``), then the
+    manifest: what was committed and the data files written."""
     if work.participants is not None:
         work.participants.staged(folder, prefix)
     files, tensors = write_rank_files(store, folder, prefix, work.arrays, work.max_file_bytes,
                                       pieces=work.piece_keys)
-    shards = work.shards
+    pieces = work.pieces
     if work.participants is not None:
-        files, tensors, shards = work.participants.collect(files, tensors, shards)
-    extra: dict[str, Any] = {"shards": merge_shards(shards, store.url_of(folder))} if shards else {}
-    blocks = {t.key: list(t.blocks) for t in tensors if t.blocks}
-    if blocks:
-        extra.update(block_bytes=fmt.BLOCK_BYTES, blocks=blocks)
-    manifest = {
-        "format": "checkpointer", "version": fmt.FORMAT_VERSION, **work.fields, **extra, "tree": work.skeleton,
-        "files": [[f.name, f.nbytes, f.crc32c] for f in files],
-        "tensors": [[t.key, t.file, t.dtype, list(t.shape), t.begin, t.end, t.crc32c] for t in tensors],
-    }
-    blob = fmt.encode_framed(MANIFEST_MAGIC, manifest)
+        files, tensors, pieces = work.participants.collect(files, tensors, pieces)
+    shards = merge_pieces(pieces, store.url_of(folder)) if pieces else ()
+    blob = Manifest(work.skeleton, tuple(files), tuple(tensors), shards, fmt.BLOCK_BYTES, work.fields).encode()
     # One put: on object stores the manifest object is the commit point and must appear
     # whole or not at all (a streamed write may show a partial or empty object midway).
-    store.put_bytes(f"{folder}/{fmt.MANIFEST_NAME}", blob)
+    store.put_bytes(f"{folder}/{MANIFEST_NAME}", blob)
     # The manifest's identity for the index, taken before the commit makes it visible
     # (a rename keeps inode and mtime), so it is ours even if another writer replaces the
     # name right after; on object stores it is taken right after the put.
+    stamp = ""
     with contextlib.suppress(CheckpointError):
-        work.stamp.append(store.stamp(f"{folder}/{fmt.MANIFEST_NAME}"))
-    return sum(f.nbytes for f in files) + len(blob), [f.name for f in files]
+        stamp = store.stamp(f"{folder}/{MANIFEST_NAME}")
+    return Committed(sum(f.nbytes for f in files) + len(blob), stamp), [f.name for f in files]
 
 
-def _write_renaming(store: Store, name: str, work: _Work, owner: str) -> int:
+def _write_renaming(store: Store, name: str, work: _Work, owner: str) -> Committed:
     tmp = f"{TMP_PREFIX}{name}-{owner}"
     old, placed = None, False
-    if store.exists(name) and not store.exists(f"{name}/{fmt.MANIFEST_NAME}"):
+    if store.exists(name) and not store.exists(f"{name}/{MANIFEST_NAME}"):
         # Not a checkpoint (a user's file or folder): replacing it would delete what we did not write.
         raise StorageError(f"{store.url_of(name)} exists and is not a checkpoint; refusing to replace it")
     store.makedirs("")
     store.makedirs(tmp)
     try:
-        nbytes, _ = _write_files(store, tmp, "data-", work)
+        committed, _ = _write_files(store, tmp, "data-", work)
         store.fsync_dir(tmp)
         if store.exists(name):
-            _forget_index(store)
+            forget_index(store)
             old = f"{OLD_PREFIX}{name}-{owner}"
             store.rename(name, old)
         store.rename(tmp, name)
@@ -271,54 +227,44 @@ def _write_renaming(store: Store, name: str, work: _Work, owner: str) -> int:
         with contextlib.suppress(CheckpointError):
             remove_checkpoint(store, old)
             store.fsync_dir("")
-    return nbytes
+    return committed
 
 
-def _forget_index(store: Store) -> None:
-    """Delete the index before replacing a checkpoint: its row for that name is about to go
-    stale, and a crash (or a failed index write) after the swap must not leave it believed.
-    The next manager rebuilds it from the manifests."""
-    from .index import INDEX_NAME  # index imports this module
-
-    with contextlib.suppress(CheckpointNotFoundError):
-        store.remove_file(INDEX_NAME)
-
-
-def _write_object_store(store: Store, name: str, work: _Work, owner: str) -> int:
+def _write_object_store(store: Store, name: str, work: _Work, owner: str) -> Committed:
     listing = store.list_files()
     before = {p.split("/", 1)[1] for p in listing if p.startswith(name + "/") and "/" in p.rstrip("/")}
     written: list[str] = []
     foreign = any(not _DATA_RE.match(b) for b in before) or name in listing  # a file of that name
-    if fmt.MANIFEST_NAME not in before and foreign:
+    if MANIFEST_NAME not in before and foreign:
         raise StorageError(f"{store.url_of(name)} exists and is not a checkpoint: not writing into it")
     prior: set[str] = set()  # the data the replaced manifest names: ours to delete after
-    if fmt.MANIFEST_NAME in before:
-        _forget_index(store)
+    if MANIFEST_NAME in before:
+        forget_index(store)
         with contextlib.suppress(CheckpointError):
-            prior = {f[0] for f in read_manifest(store, name)["files"]}
+            prior = {f.name for f in read_manifest(store, name).files}
     try:
-        nbytes, written = _write_files(store, name, f"data-{owner}-", work)
+        committed, written = _write_files(store, name, f"data-{owner}-", work)
     except BaseException:
         with contextlib.suppress(Exception):
             for f in store.list_files():
                 if f.startswith(f"{name}/data-{owner}-"):
                     store.remove_file(f)
         raise
-    for old in before - set(written) - {fmt.MANIFEST_NAME}:
+    for old in before - set(written) - {MANIFEST_NAME}:
         # Never the objects of a live concurrent writer of this name: its manifest may
         # still come and name them. Those of the replaced manifest and of dead writers go.
         m = _DATA_RE.match(old)
         if m and (old in prior or (m["owner"] and owner_is_dead(m["owner"]))):
             with contextlib.suppress(CheckpointError):
                 store.remove_file(f"{name}/{old}")
-    return nbytes
+    return committed
 
 
 def _owner_of(entry: str, prefix: str) -> tuple[str, str] | None:
     """``(name, owner)`` of a ``<prefix><name>-<owner>`` leftover."""
     body = entry[len(prefix):]
     name, _, owner = body.rpartition("-")
-    return (name, owner) if name and _OWNER_RE.fullmatch(owner) else None
+    return (name, owner) if name and is_owner(owner) else None
 
 
 def cleanup(store: Store, listing: Sequence[str] | None = None) -> list[str]:
@@ -335,7 +281,7 @@ def cleanup(store: Store, listing: Sequence[str] | None = None) -> list[str]:
         if entry.startswith(OLD_PREFIX) and (parsed := _owner_of(entry, OLD_PREFIX)):
             name, owner = parsed
             if owner_is_dead(owner):
-                if f"{name}/{fmt.MANIFEST_NAME}" in files:
+                if f"{name}/{MANIFEST_NAME}" in files:
                     remove_checkpoint(store, entry)
                 else:
                     store.rename(entry, name)
@@ -378,9 +324,9 @@ def _cleanup_objects(store: Store, files: Sequence[str]) -> list[str]:
         ours = [b for b in bases if (m := _DATA_RE.match(b)) and m["owner"] and owner_is_dead(m["owner"])]
         if not ours:
             continue
-        if fmt.MANIFEST_NAME in bases:
+        if MANIFEST_NAME in bases:
             try:
-                referenced = {f[0] for f in read_manifest(store, folder)["files"]}
+                referenced = {f.name for f in read_manifest(store, folder).files}
             except CheckpointError:
                 continue  # a broken manifest: leave the evidence alone
             ours = [b for b in ours if b not in referenced]

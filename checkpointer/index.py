@@ -13,13 +13,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import format as fmt
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
+from .frame import decode_framed, encode_framed
 from .info import CheckpointInfo
-from .reader import read_manifest
+from .manifest import MANIFEST_NAME, Manifest, read_manifest
+from .owners import new_owner, release_owner
 from .storage import Store
 
-__all__ = ["Entry", "INDEX_NAME", "load_entries", "write_index", "entry_from_manifest",
+__all__ = ["Entry", "INDEX_NAME", "load_entries", "write_index", "forget_index", "entry_from_manifest",
            "read_index_meta", "encode_entry", "decode_entry"]
 
 log = logging.getLogger("checkpointer")
@@ -41,7 +42,7 @@ def _num(x: Any) -> int | None:
     return x if type(x) is int else None
 
 
-def entry_from_manifest(store: Store, name: str, m: dict[str, Any], manifest_bytes: int,
+def entry_from_manifest(store: Store, name: str, m: Manifest, manifest_bytes: int,
                         stamp: str = "") -> Entry:
     metrics = m.get("metrics")
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))} \
@@ -50,7 +51,7 @@ def entry_from_manifest(store: Store, name: str, m: dict[str, Any], manifest_byt
     info = CheckpointInfo(
         name=name, url=store.url_of(name), step=_num(m.get("step")), epoch=_num(m.get("epoch")),
         metrics=metrics, time=float(t) if isinstance(t, (int, float)) and math.isfinite(t) else 0.0,
-        nbytes=sum(int(f[1]) for f in m["files"]) + manifest_bytes)
+        nbytes=m.nbytes + manifest_bytes)
     seq = _num(m.get("seq"))
     return Entry(info, seq if seq is not None else -1, bool(m.get("managed", False)), stamp)
 
@@ -77,10 +78,9 @@ def write_index(store: Store, entries: list[Entry], config: dict[str, Any] | Non
     ``config`` records the writer's monitor (``{"monitor": name, "mode": mode}``) so that
     ``checkpointer ls`` can mark the best checkpoint.
     """
-    blob = fmt.encode_framed(INDEX_MAGIC, {"version": 1, "config": config or {},
+    blob = encode_framed(INDEX_MAGIC, {"version": 1, "config": config or {},
                                            "checkpoints": [encode_entry(e) for e in entries]})
     if store.atomic_rename:
-        from .commit import new_owner, release_owner
         owner = new_owner()
         tmp = f".ckpt-tmp-index-{owner}"
         try:
@@ -98,10 +98,18 @@ def write_index(store: Store, entries: list[Entry], config: dict[str, Any] | Non
         store.put_bytes(INDEX_NAME, blob)
 
 
+def forget_index(store: Store) -> None:
+    """Delete the index before a checkpoint it lists is replaced: its row for that name is
+    about to go stale, and a crash (or a failed index write) after the swap must not leave
+    it believed. The next manager rebuilds it from the manifests."""
+    with contextlib.suppress(CheckpointNotFoundError):
+        store.remove_file(INDEX_NAME)
+
+
 def read_index_meta(store: Store) -> dict[str, Any]:
     """The writer's config recorded in the index (empty when there is none)."""
     try:
-        data = fmt.decode_framed(store.read_bytes(INDEX_NAME), INDEX_MAGIC, store.url_of(INDEX_NAME))
+        data = decode_framed(store.read_bytes(INDEX_NAME), INDEX_MAGIC, store.url_of(INDEX_NAME))
     except CheckpointError:
         return {}
     config = data.get("config") if isinstance(data, dict) else None
@@ -112,7 +120,7 @@ def _read_index(store: Store, listing: set[str]) -> dict[str, Entry]:
     if INDEX_NAME not in listing:
         return {}
     try:
-        data = fmt.decode_framed(store.read_bytes(INDEX_NAME), INDEX_MAGIC, store.url_of(INDEX_NAME))
+        data = decode_framed(store.read_bytes(INDEX_NAME), INDEX_MAGIC, store.url_of(INDEX_NAME))
         rows = data["checkpoints"] if isinstance(data, dict) else []
         entries = [e for e in (decode_entry(store, r) for r in rows) if e is not None]
     except (CheckpointError, KeyError, TypeError) as exc:
@@ -133,19 +141,19 @@ def load_entries(store: Store, listing: list[str]) -> tuple[list[Entry], bool]:
     """Committed checkpoints, oldest first, and whether the index needs rewriting."""
     files = set(listing)
     names = sorted({p.split("/", 1)[0] for p in listing
-                    if p.endswith("/" + fmt.MANIFEST_NAME) and not p.startswith(".")})
+                    if p.endswith("/" + MANIFEST_NAME) and not p.startswith(".")})
     cached = _read_index(store, files)
     out, stale = [], set(cached) != set(names)
     for name in names:
         try:
             # A name can be replaced behind the index's back (another writer, a crash before
             # the index write): a row counts only while its manifest is the same file.
-            stamp = _stamp(store, f"{name}/{fmt.MANIFEST_NAME}")
+            stamp = _stamp(store, f"{name}/{MANIFEST_NAME}")
             if name in cached and stamp and cached[name].stamp == stamp:
                 out.append(cached[name])
                 continue
             stale = True
-            size = store.size(f"{name}/{fmt.MANIFEST_NAME}")
+            size = store.size(f"{name}/{MANIFEST_NAME}")
             out.append(entry_from_manifest(store, name, read_manifest(store, name), size, stamp))
         except CheckpointError as exc:
             if name in cached:  # committed, now damaged: listed, so restore warns and falls back

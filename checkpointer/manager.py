@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import collective, commit, reader
+from . import collective, commit
 from .async_save import AsyncWriter
 from .distributed import Coordinator, background_coordinator, detect_coordinator, run_on_primary
 from .errors import (
@@ -36,13 +36,14 @@ from .errors import (
 )
 from .index import Entry, decode_entry, encode_entry, load_entries, write_index
 from .info import Checkpoint, CheckpointInfo
+from .load import load_checkpoint
 from .monitor import Monitor, to_float
 from .naming import default_name, format_name, template_fields
 from .retention import Record, Retention, best_record
 from .schedule import Schedule
-from .sharding import ShardedArray, specs_from_template
+from .sharding import ShardedArray
 from .storage import open_store
-from .tree import flatten, resolve_state
+from .tree import flatten, resolve_state, specs_from_template
 
 __all__ = ["CheckpointManager", "CheckpointWarning"]
 
@@ -374,7 +375,7 @@ class CheckpointManager:
         for entry in candidates:
             error: BaseException | None = None
             try:
-                tree, _ = reader.load_checkpoint(self._store, entry.info.name, verify=verify, specs=specs)
+                tree, _ = load_checkpoint(self._store, entry.info.name, verify=verify, specs=specs)
             except (CheckpointError, OSError) as exc:
                 error = exc
             if self._coord.world_size > 1:

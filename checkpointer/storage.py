@@ -1,11 +1,12 @@
 """Storage: move bytes to and from a checkpoint directory on any fsspec filesystem.
 
-Two backends share one small interface. :class:`LocalStore` talks to the OS directly
+Two backends implement one small protocol, :class:`Store`. :class:`LocalStore` talks to the OS directly
 (``os.write``, ``fsync`` of files and folders, atomic ``rename``); :class:`FsspecStore`
 wraps any fsspec filesystem (``s3://``, ``gs://``, ``memory://``, ...) and treats it as an
 object store without atomic rename unless the filesystem says otherwise. Every backend
 error leaves as a :class:`~checkpointer.errors.StorageError` (``raise ... from exc``).
-The commit protocol built on top lives in :mod:`checkpointer.commit`.
+The commit protocol built on top lives in :mod:`checkpointer.commit`; this module only
+moves bytes, behind the :class:`Store` protocol.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import contextlib
 import os
 import posixpath
 import shutil
-import stat
-import threading
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -28,11 +27,11 @@ from .errors import (
     CorruptCheckpointError,
     StorageError,
 )
+from .localio import LocalWriter, open_regular
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "open_store", "split_url"]
 
 _T = TypeVar("_T")
-_WRITE_BUFFER = 8 << 20
 
 
 def _guard(what: str, fn: Callable[[], _T]) -> _T:
@@ -46,96 +45,53 @@ def _guard(what: str, fn: Callable[[], _T]) -> _T:
         raise StorageError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _open_regular(path: str) -> BinaryIO:
-    """Open ``path`` for reading; anything but a regular file is refused (a FIFO would block,
-    a device like /dev/zero would never end)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CorruptCheckpointError(f"{path} is not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+class Store(Protocol):
+    """A checkpoint directory that moves bytes: paths are relative to it, ``/``-separated.
+
+    It knows no manifest, owner or commit rule (those are :mod:`checkpointer.commit`'s).
+    Every method raises :class:`StorageError` (or :class:`CheckpointNotFoundError` for a
+    missing path) on failure. ``atomic_rename`` says whether :meth:`rename` of a folder is
+    atomic (a local disk) or a copy (object stores), which picks the commit protocol.
+    """
+
+    atomic_rename: bool
+    url: str
+    root: str
+
+    def path(self, rel: str) -> str: ...
+    def url_of(self, rel: str) -> str: ...
+    def list_files(self) -> list[str]:
+        """Every file up to two levels deep (``folder/file``), and folders as ``folder/``."""
+        ...
+    def size(self, rel: str) -> int: ...
+    def stamp(self, rel: str) -> str:
+        """An identity of file ``rel`` that changes whenever it is replaced ("" if unknown)."""
+        ...
+    def exists(self, rel: str) -> bool: ...
+    def read_bytes(self, rel: str) -> bytes: ...
+    def open_read(self, rel: str) -> BinaryIO: ...
+    def writer(self, rel: str) -> contextlib.AbstractContextManager[Any]:
+        """A sink whose bytes are durable once the context exits without error."""
+        ...
+    def put_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` as file ``rel`` in one piece (one object on object stores)."""
+        ...
+    def makedirs(self, rel: str) -> None: ...
+    def rename(self, src: str, dst: str) -> None: ...
+    def remove_file(self, rel: str) -> None: ...
+    def remove_tree(self, rel: str) -> None: ...
+    def fsync_dir(self, rel: str) -> None:
+        """Make a folder's entries durable (no-op remotely)."""
+        ...
+    def unfinished_uploads(self) -> list[tuple[str, str]]:
+        """``(rel, upload_id)`` of multipart uploads left unfinished under the root."""
+        ...
+    def abort_upload(self, rel: str, upload_id: str) -> None: ...
 
 
-class _LocalWriter:
-    """Buffered writer straight onto a file descriptor; fsync on close."""
+class _Rooted:
+    """Paths and URLs below a root, shared by the backends."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.buf = bytearray()
-        self._sync: threading.Thread | None = None
-        self._sync_errors: list[BaseException] = []
-
-    def write(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        if len(self.buf) + len(view) <= _WRITE_BUFFER:
-            self.buf += view
-            return
-        self._flush()
-        if len(view) < _WRITE_BUFFER:
-            self.buf += view
-        else:
-            self._write_all(view)
-
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-
-    def _flush(self) -> None:
-        if self.buf:
-            self._write_all(memoryview(self.buf))
-            self.buf = bytearray()
-
-    def start_sync(self) -> None:
-        """Flush and start ``fsync`` on a helper thread, so the caller's CPU work (checksums)
-        overlaps the disk wait; :meth:`close` joins it, raises its error, and syncs again
-        (cheap: only what was written since)."""
-        self._flush()
-        sync = threading.Thread(target=self._fsync_to, args=(self._sync_errors,),
-                                name="checkpointer-fsync", daemon=True)
-        try:
-            sync.start()
-        except RuntimeError:  # no new threads at interpreter shutdown: close() syncs
-            return
-        self._sync = sync
-
-    def _fsync_to(self, errors: list[BaseException]) -> None:
-        try:
-            os.fsync(self.fd)
-        except BaseException as exc:  # handed to close() in the caller's thread
-            errors.append(exc)
-
-    def _join_sync(self) -> None:
-        if self._sync is not None:
-            self._sync.join()
-            self._sync = None
-
-    def close(self, durable: bool = True) -> None:
-        try:
-            self._flush()
-            self._join_sync()
-            if self._sync_errors:
-                raise self._sync_errors[0]
-            if durable:
-                os.fsync(self.fd)
-        finally:
-            os.close(self.fd)
-
-    def abort(self) -> None:
-        self._join_sync()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
-class Store:
-    """A checkpoint directory. Paths given to methods are relative to it, ``/``-separated."""
-
-    atomic_rename: bool = False
     url: str
     root: str
 
@@ -145,30 +101,8 @@ class Store:
     def url_of(self, rel: str) -> str:
         return self.url.rstrip("/") + "/" + rel
 
-    # Each backend implements these.
-    def list_files(self) -> list[str]: raise NotImplementedError
-    def size(self, rel: str) -> int: raise NotImplementedError
-    def exists(self, rel: str) -> bool: raise NotImplementedError
-    def read_bytes(self, rel: str) -> bytes: raise NotImplementedError
-    def open_read(self, rel: str) -> BinaryIO: raise NotImplementedError
-    def writer(self, rel: str) -> contextlib.AbstractContextManager[Any]: raise NotImplementedError
-    def put_bytes(self, rel: str, data: bytes) -> None: raise NotImplementedError
-    def makedirs(self, rel: str) -> None: raise NotImplementedError
-    def rename(self, src: str, dst: str) -> None: raise NotImplementedError
-    def remove_file(self, rel: str) -> None: raise NotImplementedError
-    def remove_tree(self, rel: str) -> None: raise NotImplementedError
-    def fsync_dir(self, rel: str) -> None: """Make a folder's entries durable (no-op remotely)."""
-    def unfinished_uploads(self) -> list[tuple[str, str]]:
-        """``(rel, upload_id)`` of multipart uploads left unfinished under the root."""
-        return []
 
-    def stamp(self, rel: str) -> str:
-        """An identity of file ``rel`` that changes whenever it is replaced ("" if unknown)."""
-        return ""
-    def abort_upload(self, rel: str, upload_id: str) -> None: raise NotImplementedError
-
-
-class LocalStore(Store):
+class LocalStore(_Rooted):
     """A folder on local disk: direct OS calls, fsync everywhere, atomic rename."""
 
     atomic_rename = True
@@ -205,17 +139,17 @@ class LocalStore(Store):
 
     def read_bytes(self, rel: str) -> bytes:
         def read() -> bytes:
-            with _open_regular(self.path(rel)) as f:
+            with open_regular(self.path(rel)) as f:
                 return f.read()
         return _guard(f"reading {self.path(rel)}", read)
 
     def open_read(self, rel: str) -> BinaryIO:
-        return _guard(f"opening {self.path(rel)}", lambda: _open_regular(self.path(rel)))
+        return _guard(f"opening {self.path(rel)}", lambda: open_regular(self.path(rel)))
 
     @contextlib.contextmanager
-    def writer(self, rel: str) -> Iterator[_LocalWriter]:
+    def writer(self, rel: str) -> Iterator[LocalWriter]:
         what = f"writing {self.path(rel)}"
-        w = _guard(what, lambda: _LocalWriter(self.path(rel)))
+        w = _guard(what, lambda: LocalWriter(self.path(rel)))
         try:
             yield w
         except BaseException:
@@ -240,6 +174,12 @@ class LocalStore(Store):
         """Delete folder ``rel`` and everything in it (no ordering: see ``commit.remove_checkpoint``)."""
         _guard(f"deleting {self.path(rel)}", lambda: shutil.rmtree(self.path(rel)))
 
+    def unfinished_uploads(self) -> list[tuple[str, str]]:
+        return []  # a local write leaves a file, never an upload
+
+    def abort_upload(self, rel: str, upload_id: str) -> None:
+        raise StorageError(f"{self.root} is a local folder: there is no upload {upload_id!r} to abort")
+
     def fsync_dir(self, rel: str) -> None:
         def sync() -> None:
             fd = os.open(self.path(rel), os.O_RDONLY | os.O_DIRECTORY)
@@ -250,7 +190,7 @@ class LocalStore(Store):
         _guard(f"fsync of folder {self.path(rel)}", sync)
 
 
-class FsspecStore(Store):
+class FsspecStore(_Rooted):
     """Any fsspec filesystem; an object store (manifest-last commit) unless it declares
     ``checkpointer_atomic_rename = True``."""
 
@@ -331,6 +271,9 @@ class FsspecStore(Store):
     def remove_tree(self, rel: str) -> None:
         """Delete folder ``rel`` and everything in it (no ordering: see ``commit.remove_checkpoint``)."""
         _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm(self.path(rel), recursive=True))
+
+    def fsync_dir(self, rel: str) -> None:
+        """Object stores have no folder entries to make durable."""
 
     def _bucket_key(self, rel: str = "") -> tuple[str, str]:
         bucket, _, prefix = self.root.partition("/")

@@ -20,9 +20,9 @@ import numpy as np
 from .dtypes import numpy_to_safetensors, safetensors_to_numpy
 from .errors import ManifestError, StateTreeError
 from .gcpause import without_gc
-from .sharding import ShardedArray
+from .sharding import ShardedArray, ShardSpec
 
-__all__ = ["flatten", "unflatten", "path_key", "MAX_DEPTH", "resolve_state"]
+__all__ = ["flatten", "unflatten", "path_key", "MAX_DEPTH", "resolve_state", "specs_from_template"]
 
 MAX_DEPTH = 200
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
@@ -201,3 +201,25 @@ def _build_leaf(tag: str, rest: list[Any], get: Callable[[str], np.ndarray],
             raise bad(f"numpy scalar of dtype {rest[0]!r:.20} with {len(rest[1])} bytes")
         return np.frombuffer(rest[1], dtype=dtype)[0]
     raise bad(f"unknown node {[tag, *rest]!r:.80}")
+
+
+def specs_from_template(template: Any) -> dict[str, ShardSpec]:
+    """Tree key -> :class:`~checkpointer.sharding.ShardSpec` for every ShardSpec or
+    ShardedArray leaf of ``template`` (the boxes a process wants back of sharded arrays)."""
+    out: dict[str, ShardSpec] = {}
+
+    def walk(node: Any, parts: list[str | int]) -> None:
+        if isinstance(node, ShardSpec):
+            out[path_key(parts)] = node
+        elif isinstance(node, ShardedArray):
+            out[path_key(parts)] = ShardSpec(node.shape, node.dtype, tuple(
+                (tuple(s.offsets), tuple(s.data.shape)) for s in node.shards))
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, [*parts, k])
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, [*parts, i])
+
+    walk(template, [])
+    return out

@@ -204,7 +204,7 @@ def test_leftovers_of_dead_writers_are_removed(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from checkpointer.commit import new_owner
+    from checkpointer.owners import new_owner
 
     host = new_owner().split(".")[0]
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],

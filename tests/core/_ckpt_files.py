@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 import checkpointer
-from checkpointer.commit import MANIFEST_MAGIC
-from checkpointer.format import MANIFEST_NAME, decode_framed, encode_framed
+from checkpointer.frame import decode_framed, encode_framed
+from checkpointer.manifest import MANIFEST_MAGIC, MANIFEST_NAME
 
 
 def _valid(tmp_path: Path) -> Path:

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 import checkpointer
-from checkpointer import errors, storage
-from checkpointer import format as fmt
+from checkpointer import errors, localio, reading
+from checkpointer.checksum import crc32c
 
 
 @pytest.fixture
 def small_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pipeline tensors from 64 KiB in 16 KiB chunks so small test files take that path."""
-    monkeypatch.setattr(fmt, "_PIPELINE", 64 << 10)
-    monkeypatch.setattr(fmt, "_PIPE_CHUNK", 16 << 10)
+    monkeypatch.setattr(reading, "_PIPELINE", 64 << 10)
+    monkeypatch.setattr(reading, "_PIPE_CHUNK", 16 << 10)
 
 
 def _state() -> dict[str, Any]:
@@ -51,7 +51,7 @@ def test_damage_detected_in_pipelined_chunks(
     blob = bytearray(data.read_bytes())
     (n,) = struct.unpack("<Q", blob[:8])
     with _open(tmp_path / "c") as r:
-        t = {x[0]: x for x in r.manifest["tensors"]}
+        t = {x.key: x for x in r.manifest.tensors}
     pos = {
         "big-first": t["big"][4],
         "big-last": t["big"][5] - 1,
@@ -67,7 +67,7 @@ def test_damage_detected_in_pipelined_chunks(
 
 
 def _open(path: Path) -> Any:
-    from checkpointer.lazy import open as ck_open
+    from checkpointer.reader import open as ck_open
 
     return ck_open(path)
 
@@ -75,23 +75,23 @@ def _open(path: Path) -> Any:
 def test_file_checksum_chains_header_and_tensor_crcs(tmp_path: Path) -> None:
     checkpointer.save(tmp_path / "c", _state())
     with _open(tmp_path / "c") as r:
-        ((fname, nbytes, crc),) = r.manifest["files"]
-        tensors = sorted(r.manifest["tensors"], key=lambda x: x[4])
+        ((fname, nbytes, crc),) = r.manifest.files
+        tensors = sorted(r.manifest.tensors, key=lambda x: x.begin)
     blob = (tmp_path / "c" / fname).read_bytes()
     head = blob[: tensors[0][4]]
     assert len(blob) == nbytes
-    want = fmt.crc32c(struct.pack(f"<{len(tensors)}I", *(x[6] for x in tensors)), fmt.crc32c(head))
+    want = crc32c(struct.pack(f"<{len(tensors)}I", *(x[6] for x in tensors)), crc32c(head))
     assert crc == want
     for x in tensors:
-        assert fmt.crc32c(blob[x[4] : x[5]]) == x[6]
+        assert crc32c(blob[x[4] : x[5]]) == x[6]
 
 
 _FORK_SCRIPT = """
 import os, sys
 import numpy as np
 import checkpointer
-from checkpointer import format as fmt
-fmt._PIPELINE, fmt._PIPE_CHUNK = 64 << 10, 16 << 10
+from checkpointer import reading
+reading._PIPELINE, reading._PIPE_CHUNK = 64 << 10, 16 << 10
 path = sys.argv[1]
 state = {"big": np.arange(100_003, dtype=np.float32)}
 checkpointer.save(path, state)
@@ -142,7 +142,7 @@ def test_writer_syncs_again_after_late_writes(
     synced = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
-    w = storage._LocalWriter(str(tmp_path / "f"))
+    w = localio.LocalWriter(str(tmp_path / "f"))
     w.write(b"abc")
     w.start_sync()
     w.write(b"def")
@@ -155,8 +155,8 @@ _ATEXIT = """
 import atexit, sys
 import numpy as np
 import checkpointer
-from checkpointer import format as fmt
-fmt._PIPELINE, fmt._PIPE_CHUNK = 1 << 16, 1 << 14
+from checkpointer import reading
+reading._PIPELINE, reading._PIPE_CHUNK = 1 << 16, 1 << 14
 checkpointer.save(sys.argv[1], {"w": np.arange(100_000, dtype=np.float32)})
 checkpointer.load(sys.argv[1])  # the helper thread exists before shutdown
 

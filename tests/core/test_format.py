@@ -17,7 +17,8 @@ from safetensors import safe_open
 
 import checkpointer
 from checkpointer import errors
-from checkpointer.format import MANIFEST_NAME, crc32c
+from checkpointer.checksum import crc32c
+from checkpointer.manifest import MANIFEST_NAME
 
 DATA = "data-00000.safetensors"
 

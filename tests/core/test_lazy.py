@@ -1,4 +1,4 @@
-"""checkpointer.lazy: open a checkpoint and read single tensors without the rest."""
+"""checkpointer.open: open a checkpoint and read single tensors without the rest."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import checkpointer
-from checkpointer import errors
-from checkpointer import format as fmt
-from checkpointer.lazy import LazyTensor
-from checkpointer.lazy import open as ck_open
+from checkpointer import errors, reader
+from checkpointer.frame import decode_framed, encode_framed
+from checkpointer.manifest import MANIFEST_NAME
+from checkpointer.reader import LazyTensor
+from checkpointer.reader import open as ck_open
 
 
 def _state() -> dict[str, Any]:
@@ -49,14 +50,14 @@ def test_keys_tensor_and_eager_state(ckpt: Path) -> None:
 
 def test_lazy_state_reads_on_demand(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[str] = []
-    real = fmt.read_tensors
+    real = reader.read_tensors
 
     def spy(f: Any, entries: Any, *a: Any, **k: Any) -> Any:
         entries = list(entries)
         reads.extend(e.key for e in entries)
         return real(f, entries, *a, **k)
 
-    monkeypatch.setattr(fmt, "read_tensors", spy)
+    monkeypatch.setattr(reader, "read_tensors", spy)
     with ck_open(ckpt) as r:
         tree = r.state(lazy=True)
         assert reads == []
@@ -70,10 +71,10 @@ def test_lazy_state_reads_on_demand(ckpt: Path, monkeypatch: pytest.MonkeyPatch)
 
 def _flip_byte_of(ckpt: Path, key: str) -> None:
     with ck_open(ckpt) as r:
-        t = r.manifest["tensors"][[x[0] for x in r.manifest["tensors"]].index(key)]
-    path = ckpt / t[1]
+        t = next(x for x in r.manifest.tensors if x.key == key)
+    path = ckpt / t.file
     data = bytearray(path.read_bytes())
-    data[t[4]] ^= 0x01
+    data[t.begin] ^= 0x01
     path.write_bytes(bytes(data))
 
 
@@ -100,26 +101,26 @@ def test_truncated_file_and_missing_checkpoint(ckpt: Path, tmp_path: Path) -> No
 
 
 def test_hostile_manifest_range_refused_before_allocation(ckpt: Path) -> None:
-    from checkpointer.commit import MANIFEST_MAGIC
+    from checkpointer.manifest import MANIFEST_MAGIC
 
-    m = fmt.decode_framed((ckpt / fmt.MANIFEST_NAME).read_bytes(), MANIFEST_MAGIC, "t")
+    m = decode_framed((ckpt / MANIFEST_NAME).read_bytes(), MANIFEST_MAGIC, "t")
     for t in m["tensors"]:
         if t[0] == "model/w":
             t[3] = [1 << 40, 1 << 20]
             t[5] = t[4] + (1 << 62)
-    (ckpt / fmt.MANIFEST_NAME).write_bytes(fmt.encode_framed(MANIFEST_MAGIC, m))
-    with ck_open(ckpt) as r, pytest.raises(errors.CorruptCheckpointError):
+    (ckpt / MANIFEST_NAME).write_bytes(encode_framed(MANIFEST_MAGIC, m))
+    with pytest.raises(errors.CorruptCheckpointError), ck_open(ckpt) as r:  # refused on open
         r.tensor("model/w")
     for t in m["tensors"]:
         if t[0] == "model/w":
             t[3], t[5] = [0, 1 << 62], t[4]  # zero bytes, yet a shape numpy refuses
-    (ckpt / fmt.MANIFEST_NAME).write_bytes(fmt.encode_framed(MANIFEST_MAGIC, m))
-    with ck_open(ckpt) as r, pytest.raises(errors.CorruptCheckpointError):
+    (ckpt / MANIFEST_NAME).write_bytes(encode_framed(MANIFEST_MAGIC, m))
+    with pytest.raises(errors.CorruptCheckpointError), ck_open(ckpt) as r:
         r.tensor("model/w")
     for t in m["tensors"]:
         if t[0] == "model/w":
             t[3], t[4], t[5] = [64, 32], 1 << 30, (1 << 30) + 8192  # beyond the end of the file
-    (ckpt / fmt.MANIFEST_NAME).write_bytes(fmt.encode_framed(MANIFEST_MAGIC, m))
+    (ckpt / MANIFEST_NAME).write_bytes(encode_framed(MANIFEST_MAGIC, m))
     with ck_open(ckpt) as r, pytest.raises(errors.InvalidOffsetsError):
         r.tensor("model/w")
 

@@ -17,8 +17,9 @@ from _ckpt_files import _manifest, _put_manifest, _valid
 
 import checkpointer
 from checkpointer import errors
-from checkpointer.commit import MANIFEST_MAGIC
-from checkpointer.format import MANIFEST_NAME, crc32c, encode_framed
+from checkpointer.checksum import crc32c
+from checkpointer.frame import encode_framed
+from checkpointer.manifest import MANIFEST_MAGIC, MANIFEST_NAME
 
 DATA = "data-00000.safetensors"
 
@@ -147,7 +148,7 @@ def test_oversized_manifest_file_refused_before_reading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ckpt = _valid(tmp_path)
-    monkeypatch.setattr("checkpointer.format.MAX_MANIFEST_BYTES", 16)
+    monkeypatch.setattr("checkpointer.manifest.MAX_MANIFEST_BYTES", 16)
     with pytest.raises(errors.ManifestError):
         checkpointer.load(ckpt)
 

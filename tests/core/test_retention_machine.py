@@ -34,8 +34,9 @@ from hypothesis.stateful import (
 
 import checkpointer
 from checkpointer import CheckpointManager, CheckpointWarning
-from checkpointer.commit import _HOST, TMP_PREFIX
+from checkpointer.commit import TMP_PREFIX
 from checkpointer.errors import StorageError
+from checkpointer.owners import HOST as _HOST
 
 SCORES = st.sampled_from([None, float("nan"), float("inf"), 0.1, 0.2, 0.3, 0.5, 0.7])
 _dead_pid: int | None = None

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import checkpointer
 from checkpointer import CheckpointManager
 from checkpointer import format as fmt
+from checkpointer.checksum import block_crcs, crc32c, crc_of_blocks
 from checkpointer.errors import ChecksumMismatchError, ManifestError
 from checkpointer.sharding import Shard, ShardedArray, ShardSpec
 from checkpointer.storage import LocalStore
@@ -30,10 +31,10 @@ BLOCK = 4096
 
 @given(data=st.binary(max_size=5 * BLOCK + 100), block=st.sampled_from([1, 7, 64, BLOCK]))
 def test_block_checksums_and_the_whole_come_from_one_pass(data, block):
-    whole, blocks = fmt.block_crcs(memoryview(data), block)
-    assert whole == fmt.crc32c(data)  # combined from the blocks' crcs
-    assert list(blocks) == [fmt.crc32c(data[i:i + block]) for i in range(0, len(data), block)]
-    assert fmt.crc_of_blocks(blocks, block, len(data)) == whole
+    whole, blocks = block_crcs(memoryview(data), block)
+    assert whole == crc32c(data)  # combined from the blocks' crcs
+    assert list(blocks) == [crc32c(data[i:i + block]) for i in range(0, len(data), block)]
+    assert crc_of_blocks(blocks, block, len(data)) == whole
 
 
 def test_a_wrong_block_checksum_fails_a_full_load_and_the_reads_of_that_block(tmp_path):

@@ -281,7 +281,6 @@ PUBLIC = {
     "CheckpointWarning",
     "save",
     "load",
-    "open",
     "CheckpointReader",
     "LazyTensor",
     "CheckpointError",
@@ -304,6 +303,10 @@ BUILTIN_PARENT = {
 
 def test_public_names() -> None:
     assert set(checkpointer.__all__) == PUBLIC
+    assert checkpointer.open is checkpointer.reader.open  # public, yet not exported by *
+    star: dict[str, object] = {}
+    exec("from checkpointer import *", star)
+    assert "open" not in star
     assert len(checkpointer.__all__) == len(set(checkpointer.__all__))
     for name in checkpointer.__all__:
         assert hasattr(checkpointer, name), name

@@ -43,9 +43,9 @@ def test_each_rank_writes_only_its_pieces(saved_on_4):
     files = sorted(p.name for p in ckpt.iterdir())
     assert files == ["data-00000.safetensors", "data-r00001-00000.safetensors",
                      "data-r00002-00000.safetensors", "data-r00003-00000.safetensors", "manifest.msgpack"]
-    manifest = checkpointer.commit.read_manifest(checkpointer.storage.open_store(str(saved_on_4 / "ckpts")),
+    manifest = checkpointer.manifest.read_manifest(checkpointer.storage.open_store(str(saved_on_4 / "ckpts")),
                                                  "step-000000002")
-    replicated = [t for t in manifest["tensors"] if t[0].startswith("replicated")]
+    replicated = [t for t in manifest.tensors if t.key.startswith("replicated")]
     assert len(replicated) == 1  # a replicated DTensor is written once
 
 

@@ -14,9 +14,8 @@ from typing import Any
 
 import checkpointer
 from checkpointer import CheckpointManager
-from checkpointer import format as fmt
-from checkpointer.commit import read_manifest
 from checkpointer.index import INDEX_NAME
+from checkpointer.manifest import MANIFEST_NAME, read_manifest
 from checkpointer.storage import Store, open_store
 
 
@@ -31,8 +30,8 @@ def engine_leftovers(store: Store, names: list[str]) -> list[str]:
     tops = {p.split("/", 1)[0] for p in (entries if store.atomic_rename else files) if "/" in p}
     wanted = {INDEX_NAME}
     for name in names:
-        wanted.add(f"{name}/{fmt.MANIFEST_NAME}")
-        wanted.update(f"{name}/{f[0]}" for f in read_manifest(store, name)["files"])
+        wanted.add(f"{name}/{MANIFEST_NAME}")
+        wanted.update(f"{name}/{f.name}" for f in read_manifest(store, name).files)
     extra = sorted(files - wanted) + sorted(f"{t}/" for t in tops - set(names) - {INDEX_NAME})
     missing = sorted(wanted - files - {INDEX_NAME})
     return extra + [f"MISSING {m}" for m in missing]

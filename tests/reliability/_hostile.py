@@ -17,7 +17,9 @@ import numpy as np
 import checkpointer
 from checkpointer import CheckpointError
 from checkpointer import format as fmt
-from checkpointer.commit import MANIFEST_MAGIC, read_manifest
+from checkpointer.checksum import crc32c
+from checkpointer.frame import decode_framed
+from checkpointer.manifest import MANIFEST_MAGIC, MANIFEST_NAME, read_manifest
 from checkpointer.storage import open_store
 
 MEMORY_CAP = 4 << 20  # bytes of Python allocation per case
@@ -88,14 +90,16 @@ def framed_header(header: Any, tail: bytes, claim: int | None) -> bytes:
 
 
 def frame(body: bytes, magic: bytes = MANIFEST_MAGIC) -> bytes:
-    return struct.pack("<8sIQ", magic, fmt.crc32c(body), len(body)) + body
+    return struct.pack("<8sIQ", magic, crc32c(body), len(body)) + body
 
 
 def good_manifest() -> dict[str, Any]:
     store = open_store(f"memory://hostile-{uuid.uuid4().hex[:8]}")
     url = store.url_of("c")
     checkpointer.save(url, {"x": np.arange(4.0), "y": [1, "s", None, (b"b",)]})
-    return read_manifest(store, "c")
+    read_manifest(store, "c")  # valid, as written
+    body: dict[str, Any] = decode_framed(store.read_bytes(f"c/{MANIFEST_NAME}"), MANIFEST_MAGIC, url)
+    return body  # the raw body, for attacks to edit
 
 
 GOOD = good_manifest()

@@ -21,8 +21,9 @@ import pytest
 
 import checkpointer
 from checkpointer import CheckpointManager, CheckpointWarning, CorruptCheckpointError
-from checkpointer import format as fmt
+from checkpointer.frame import decode_framed
 from checkpointer.index import INDEX_MAGIC, INDEX_NAME
+from checkpointer.manifest import MANIFEST_NAME
 
 LOSSES = [0.3, 0.2, 0.4]  # best: step 1; latest: step 2
 
@@ -85,7 +86,7 @@ def test_every_byte_of_every_file_is_checked(ckdir: Path, trials: Counter[str]) 
     latest = ckdir / "step-000000002"
     for path, header_len in files_of(latest):
         original = path.read_bytes()
-        kind = "manifest" if path.name == fmt.MANIFEST_NAME else "data"
+        kind = "manifest" if path.name == MANIFEST_NAME else "data"
         for what, damaged in damages(original, header_len):
             path.write_bytes(damaged)
             with pytest.raises(CorruptCheckpointError):
@@ -137,5 +138,5 @@ def test_damaged_index_is_rebuilt_silently(ckdir: Path, trials: Counter[str]) ->
             mgr = CheckpointManager(ckdir, monitor="loss")
             assert mgr.checkpoints == want and mgr.best == best
             assert same(mgr.restore("latest").state, 2)
-        fmt.decode_framed(index.read_bytes(), INDEX_MAGIC, "rebuilt index")  # rewritten whole
+        decode_framed(index.read_bytes(), INDEX_MAGIC, "rebuilt index")  # rewritten whole
         trials["damaged-index cases rebuilt silently"] += 1

@@ -109,7 +109,7 @@ def test_replacing_a_name_spares_a_live_writers_objects() -> None:
 
     import numpy as np
 
-    from checkpointer.commit import _HOST
+    from checkpointer.owners import HOST as _HOST
 
     url = f"memory://concurrent-{uuid.uuid4().hex[:8]}"
     store = open_store(url)

@@ -27,7 +27,11 @@ from _hostile import (
 
 import checkpointer
 from checkpointer import format as fmt
-from checkpointer.commit import MANIFEST_MAGIC, load_checkpoint
+from checkpointer import reading
+from checkpointer.checksum import crc32c
+from checkpointer.frame import decode_framed
+from checkpointer.load import load_checkpoint
+from checkpointer.manifest import MANIFEST_MAGIC, MANIFEST_NAME
 from checkpointer.storage import open_store
 
 
@@ -47,7 +51,7 @@ def crafted_store(
                 v["shape"],
                 base + v["data_offsets"][0],
                 base + v["data_offsets"][1],
-                fmt.crc32c(data[v["data_offsets"][0] : v["data_offsets"][1]]),
+                crc32c(data[v["data_offsets"][0] : v["data_offsets"][1]]),
             ]
             for k, v in header.items()
             if k != "__metadata__"
@@ -55,7 +59,7 @@ def crafted_store(
     try:  # the file checksum exactly as the engine computes it, where the engine can
         entries, head = fmt.read_header(io.BytesIO(body), len(body), "crafted")
         f = io.BytesIO(body)
-        file_crc = fmt.read_tensors(f, entries, {t[0]: t[6] for t in tensors}, "crafted", head)[1]
+        file_crc = reading.read_tensors(f, entries, {t[0]: t[6] for t in tensors}, "crafted", head)[1]
     except Exception:  # noqa: BLE001 - the load fails before comparing it anyway
         file_crc = 0
     manifest = {
@@ -66,7 +70,7 @@ def crafted_store(
     }
     store = open_store(f"memory://crafted-{uuid.uuid4().hex[:8]}")
     store.put_bytes("c/data-00000.safetensors", body)
-    store.put_bytes(f"c/{fmt.MANIFEST_NAME}", frame(msgpack.packb(manifest, use_bin_type=True)))
+    store.put_bytes(f"c/{MANIFEST_NAME}", frame(msgpack.packb(manifest, use_bin_type=True)))
     return store, "c"
 
 
@@ -139,7 +143,7 @@ def test_crafted_manifest_frames(name: str) -> None:
         assert (
             run(
                 lambda: only_checkpoint_errors(
-                    lambda: fmt.decode_framed(CRAFTED_MANIFESTS[name], MANIFEST_MAGIC, "crafted")
+                    lambda: decode_framed(CRAFTED_MANIFESTS[name], MANIFEST_MAGIC, "crafted")
                 )
             )
             != "ok"

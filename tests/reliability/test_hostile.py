@@ -28,8 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import checkpointer
-from checkpointer import format as fmt
-from checkpointer.commit import MANIFEST_MAGIC, load_checkpoint
+from checkpointer.frame import decode_framed
+from checkpointer.load import load_checkpoint
+from checkpointer.manifest import MANIFEST_MAGIC, MANIFEST_NAME
 from checkpointer.storage import open_store
 
 FUZZ = settings(
@@ -170,7 +171,7 @@ def test_fuzz_manifest_decoder() -> None:
             COUNTS["fuzz cases: manifest frame"] += 1
             run(
                 lambda: only_checkpoint_errors(
-                    lambda: fmt.decode_framed(data, MANIFEST_MAGIC, "fuzz")
+                    lambda: decode_framed(data, MANIFEST_MAGIC, "fuzz")
                 )
             )
 
@@ -192,7 +193,7 @@ def test_fuzz_read_manifest_and_load() -> None:
                 body = msgpack.packb(obj, use_bin_type=True)
             except (ValueError, TypeError, OverflowError):
                 return
-            store.put_bytes(f"c/{fmt.MANIFEST_NAME}", frame(body))
+            store.put_bytes(f"c/{MANIFEST_NAME}", frame(body))
             run(lambda: only_checkpoint_errors(lambda: load_checkpoint(store, "c")))
 
         case()

@@ -20,7 +20,7 @@ from _relcommon import CHECKSUM_MODES, s3_options
 
 import checkpointer
 from checkpointer import CheckpointManager
-from checkpointer.commit import _HOST
+from checkpointer.owners import HOST as _HOST
 from checkpointer.storage import open_store
 
 LOSSES = [0.9, 0.5, 0.7, 0.3, 0.8, 0.6]

@@ -15,14 +15,16 @@ import pytest
 from _states import _data_files, _names, _state, _value
 
 import checkpointer
-from checkpointer import CheckpointManager
+from checkpointer import CheckpointManager, manifest
 from checkpointer import format as fmt
-from checkpointer.commit import _HOST, OLD_PREFIX, TMP_PREFIX
+from checkpointer.commit import OLD_PREFIX, TMP_PREFIX
 from checkpointer.errors import (
     CheckpointNotFoundError,
     StorageError,
 )
+from checkpointer.frame import encode_framed
 from checkpointer.index import INDEX_NAME
+from checkpointer.owners import HOST as _HOST
 
 DEAD = 2**22 + 12345  # above the default pid_max on Linux: never a live process
 
@@ -76,7 +78,7 @@ def test_failed_replacement_keeps_the_old_checkpoint(
     mgr = CheckpointManager(backend.url, filename="fixed", max_file_bytes=40)
     old = mgr.save(_state(1.0), metrics={"loss": 1.0})
     before = {f: backend.read(f"fixed/{f}") for f in backend.listdir("fixed")}
-    real_write, real_encode = fmt.write_safetensors, fmt.encode_framed
+    real_write, real_encode = fmt.write_safetensors, encode_framed
     calls: list[str] = []
 
     def write(*args: Any, **kwargs: Any) -> Any:
@@ -91,7 +93,7 @@ def test_failed_replacement_keeps_the_old_checkpoint(
         return real_encode(magic, obj)
 
     monkeypatch.setattr(fmt, "write_safetensors", write)
-    monkeypatch.setattr(fmt, "encode_framed", encode)
+    monkeypatch.setattr(manifest, "encode_framed", encode)
     with pytest.raises(StorageError):
         mgr.save(_state(2.0), metrics={"loss": 2.0})
     monkeypatch.undo()

@@ -14,7 +14,7 @@ from _states import _data_files, _names, _state, _value
 
 import checkpointer
 from checkpointer import CheckpointManager, CheckpointWarning
-from checkpointer.commit import _HOST, TMP_PREFIX
+from checkpointer.commit import TMP_PREFIX
 from checkpointer.errors import (
     CheckpointNotFoundError,
     ConfigurationError,
@@ -22,6 +22,7 @@ from checkpointer.errors import (
     StorageError,
 )
 from checkpointer.index import INDEX_NAME
+from checkpointer.owners import HOST as _HOST
 
 # -- restore -----------------------------------------------------------------------------------
 
