@@ -164,7 +164,7 @@ def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEnt
     """Parse and validate the safetensors header of ``f`` (positioned at 0).
 
     Returns the entries sorted by offset and the crc32c of the header bytes (length
-    prefix included), from which :func:`read_tensors` continues the file checksum.
+    prefix included), from which :func:`checkpointer.reading.read_tensors` continues the file checksum.
 
     Raises the specific :class:`HeaderError` / :class:`TruncatedFileError` /
     :class:`TrailingDataError` for each rule broken.

@@ -104,7 +104,7 @@ def read_tensors(
     own array; smaller tensors adjacent in the file are read with one ``readinto`` into
     one shared buffer and returned as views of it (one allocation and one call instead of
     one each: fewer page faults, less per-tensor overhead). Returns the arrays and the
-    file checksum (see :class:`FileRecord`) continued from ``file_crc`` over each tensor's
+    file checksum (see :func:`checkpointer.format.write_safetensors`) continued from ``file_crc`` over each tensor's
     crc32c (only computed when ``expected_crc`` is given).
     """
     out: dict[str, np.ndarray] = {}

@@ -77,7 +77,7 @@ def piece_key(key: str, offsets: Sequence[int]) -> str:
 
 
 def assemble(shape: tuple[int, ...], dtype: np.dtype, pieces: Sequence[tuple[Sequence[int], np.ndarray]]) -> np.ndarray:
-    """The full array from pieces already checked by :func:`check_tiling`."""
+    """The full array from pieces already checked by :func:`checkpointer.manifest.check_tiling`."""
     out = np.empty(shape, dtype=dtype)
     for offs, data in pieces:
         out[tuple(slice(o, o + n) for o, n in zip(offs, data.shape, strict=True))] = data
