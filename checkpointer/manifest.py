@@ -49,7 +49,7 @@ MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_NDIM = 64
 MAX_GRID_CELLS = 1 << 20
 _LIMIT = 1 << 62
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}")
 
 
 class FileRow(NamedTuple):
@@ -155,7 +155,7 @@ class Manifest:
 
 def check_file_name(name: Any, where: str) -> str:
     """Refuse names that could escape a checkpoint folder."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise UnsafePathError(f"{where}: file name {name!r:.80} is not a plain file name")
     return name
 
@@ -223,7 +223,7 @@ def _ints(xs: Any, low: int = -_LIMIT) -> bool:
 def _tensor_rows(rows: list[Any], sizes: dict[str, int], where: str) -> tuple[TensorRow, ...]:
     out: dict[str, TensorRow] = {}
     for t in rows:
-        if not (type(t) is list and len(t) == 7 and type(t[0]) is str and t[1] in sizes
+        if not (type(t) is list and len(t) == 7 and type(t[0]) is str and type(t[1]) is str and t[1] in sizes
                 and type(t[2]) is str and _ints(t[3], 0) and type(t[4]) is int
                 and type(t[5]) is int and type(t[6]) is int):
             raise ManifestError(f"{where}: tensor entry {t!r:.80} is malformed")
@@ -271,7 +271,7 @@ def _shard_rows(shards: Any, tensors: tuple[TensorRow, ...], where: str) -> tupl
             raise ManifestError(f"{where}: sharded array {key!r:.80} listed twice")
         rows = []
         for p in pieces:
-            if not (type(p) is list and len(p) == 2 and p[0] in by_key and _ints(p[1])):
+            if not (type(p) is list and len(p) == 2 and type(p[0]) is str and p[0] in by_key and _ints(p[1])):
                 raise ManifestError(f"{where}: piece {p!r:.80} of {key!r:.80} is malformed")
             if by_key[p[0]].dtype != code:
                 raise ManifestError(f"{where}: piece {p[0]!r:.80} has dtype {by_key[p[0]].dtype}, its array {code}")
@@ -302,11 +302,12 @@ def check_tiling(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Sequ
             for d, g in enumerate(shape)]
     if math.prod(len(c) - 1 for c in cuts) > MAX_GRID_CELLS:
         raise ManifestError(f"{where}: too many distinct piece boundaries")
+    at = [{v: i for i, v in enumerate(c)} for c in cuts]  # boundary -> grid index, O(1) each
     cover = np.zeros([len(c) - 1 for c in cuts], dtype=np.int64)
     for offs, piece in boxes:
         if math.prod(piece) == 0:
             continue
-        idx = tuple(slice(c.index(o), c.index(o + n)) for c, o, n in zip(cuts, offs, piece, strict=True))
+        idx = tuple(slice(a[o], a[o + n]) for a, o, n in zip(at, offs, piece, strict=True))
         cover[idx] += 1
     if not (cover == 1).all():
         raise ManifestError(f"{where}: pieces overlap or leave gaps")

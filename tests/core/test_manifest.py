@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from checkpointer.manifest import (
     PieceRow,
     ShardRow,
     TensorRow,
+    check_tiling,
     parse,
     read_manifest,
 )
@@ -79,9 +81,31 @@ def test_rows_round_trip(m: Manifest) -> None:
     (lambda b: b.__setitem__("shards", [["emb", "F32", [2], [["nope", [0]]]]]), errors.ManifestError),
     (lambda b: b.__setitem__("blocks", {"w": [1]}), errors.ManifestError),
     (lambda b: b.__setitem__("version", 2), errors.ManifestError),
+    # type confusion where a name is expected: a clear error, never a raw TypeError
+    (lambda b: b["tensors"][0].__setitem__(1, ["data-00000.safetensors"]), errors.ManifestError),
+    (lambda b: b["files"][0].__setitem__(0, ["x"]), errors.UnsafePathError),
+    (lambda b: b["files"][0].__setitem__(0, "data-00000.safetensors\n"), errors.UnsafePathError),
+    (lambda b: b.__setitem__("shards", [["e", "F32", [0], [[["k"], [0]]]]]), errors.ManifestError),
+    (lambda b: b.__setitem__("shards", [["e", "F32", [1] * 100, []]]), errors.ManifestError),
 ])
 def test_parse_refuses_each_broken_rule(edit, error) -> None:  # type: ignore[no-untyped-def]
     body = decode_framed((FIXTURES / "plain" / MANIFEST_NAME).read_bytes(), MANIFEST_MAGIC, "t")
     edit(body)
     with pytest.raises(error, match="where"):
         parse(body, "where")
+
+
+def test_tiling_check_is_not_quadratic() -> None:
+    """200,000 pieces of one array (a 1,000-rank job's embedding) validate in well under the
+    bound; the first release took minutes (``list.index`` per piece per dimension)."""
+    n = 200_000
+    boxes = [((i * 3,), (3,)) for i in range(n)]
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(20)  # a bound against a hang, not a performance assertion
+    try:
+        check_tiling((3 * n,), boxes, "w")
+        with pytest.raises(errors.ManifestError, match="overlap or leave gaps"):
+            check_tiling((3 * n,), [*boxes[:-1], ((3 * n - 4,), (3,))], "w")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
