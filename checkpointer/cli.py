@@ -35,8 +35,32 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-def _fmt_metrics(metrics: dict[str, Any]) -> str:
+def _fmt_metrics(metrics: Any) -> str:
+    if not isinstance(metrics, dict):  # a manifest written by someone else: show, do not crash
+        return repr(metrics)[:200]
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _monitor(args: argparse.Namespace, meta: dict[str, str]) -> Monitor | None:
+    """The monitor that marks "best": the command line's, else the index's when usable."""
+    metric = args.monitor or meta.get("monitor")
+    if not metric:
+        return None
+    try:
+        return Monitor.create(metric, args.mode or meta.get("mode") or "auto")
+    except CheckpointError as exc:
+        if args.monitor:
+            raise
+        print(f"checkpointer: warning: the index's monitor is unusable ({exc}); no best marked",
+              file=sys.stderr)
+        return None
+
+
+def _score(monitor: Monitor | None, metrics: dict[str, Any]) -> float | None:
+    try:
+        return monitor.extract(metrics) if monitor else None
+    except CheckpointError:  # a str or other non-number under the monitored name: unranked
+        return None
 
 
 def _is_checkpoint(url: str) -> tuple[Store, str] | None:
@@ -51,11 +75,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no checkpoints in {store.url}")
         return 0
-    meta = read_index_meta(store)
-    metric = args.monitor or meta.get("monitor")
-    monitor = Monitor.create(metric, args.mode or meta.get("mode") or "auto") if metric else None
-    records = [Record(e.info.name, e.seq, monitor.extract(e.info.metrics) if monitor else None, e.managed)
-               for e in entries]
+    monitor = _monitor(args, read_index_meta(store))
+    records = [Record(e.info.name, e.seq, _score(monitor, e.info.metrics), e.managed) for e in entries]
     best = best_record(records, monitor)
     rows = [["NAME", "STEP", "EPOCH", "METRICS", "SIZE", ""]]
     for e in entries:
@@ -74,7 +95,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"checkpoint  {store.url_of(name)}")
     for key in ("library", "step", "epoch", "time"):
         print(f"{key:<11} {m.get(key)}")
-    print(f"metrics     {_fmt_metrics(m.get('metrics') or {})}")
+    print(f"metrics     {_fmt_metrics(m.get('metrics', {}))}")
     if m.get("metadata") is not None:
         print(f"metadata    {unflatten(m.get('metadata'), {})!r}")
     print(f"files       {', '.join(f'{f.name} ({_size(f.nbytes)})' for f in m.files)}")

@@ -7,6 +7,7 @@ the body is decoded, and msgpack extension types are refused.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
@@ -49,9 +50,31 @@ def decode_framed(data: bytes, magic: bytes, where: str, cap: int = MAX_BODY_BYT
     if crc32c(body) != crc:
         raise ChecksumMismatchError(f"{where}: checksum does not match its content")
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext,
-                               use_list=True)
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext,
+                              use_list=True)
     except ManifestError as exc:
         raise ManifestError(f"{where}: {exc}") from None
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise ManifestError(f"{where}: undecodable msgpack ({exc})") from None
+    if _TIMESTAMP.search(body) and _holds_timestamp(obj):
+        raise ManifestError(f"{where}: msgpack extension type -1 (timestamp) is not allowed")
+    return obj
+
+
+# msgpack decodes its timestamp extension (type -1) itself, without calling ext_hook; its
+# three encodings start with these bytes. Only a body holding one of them (rare: it may be
+# inside a str or bin value) is walked to tell.
+_TIMESTAMP = re.compile(b"\xd6\xff|\xd7\xff|\xc7\x0c\xff", re.DOTALL)
+
+
+def _holds_timestamp(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, msgpack.Timestamp):
+            return True
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+    return False

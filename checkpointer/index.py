@@ -38,8 +38,13 @@ class Entry:
     stamp: str = ""  # identity of the manifest file (see Store.stamp); "" when unknown
 
 
+_SANE = 1 << 62  # steps, epochs and sequence numbers beyond this are hostile, not real
+
+
 def _num(x: Any) -> int | None:
-    return x if type(x) is int else None
+    """An int field of a manifest or index row, ``None`` when absent or out of range (a
+    forged ``seq = 2**64 - 1`` must not make every later save overflow)."""
+    return x if type(x) is int and -_SANE < x < _SANE else None
 
 
 def entry_from_manifest(store: Store, name: str, m: Manifest, manifest_bytes: int,
@@ -64,7 +69,7 @@ def encode_entry(e: Entry) -> list[Any]:
 def decode_entry(store: Store, row: Any) -> Entry | None:
     if not (isinstance(row, list) and len(row) in (8, 9) and isinstance(row[0], str)
             and isinstance(row[3], dict) and isinstance(row[4], float) and type(row[5]) is int
-            and type(row[6]) is int):
+            and _num(row[6]) is not None):
         return None
     info = CheckpointInfo(row[0], store.url_of(row[0]), _num(row[1]), _num(row[2]),
                           dict(row[3]), row[4], row[5])
@@ -102,8 +107,13 @@ def forget_index(store: Store) -> None:
     """Delete the index before a checkpoint it lists is replaced: its row for that name is
     about to go stale, and a crash (or a failed index write) after the swap must not leave
     it believed. The next manager rebuilds it from the manifests."""
-    with contextlib.suppress(CheckpointNotFoundError):
+    try:
         store.remove_file(INDEX_NAME)
+    except CheckpointNotFoundError:
+        pass
+    except CheckpointError as exc:  # e.g. a folder in its place: its rows carry manifest stamps,
+        # so a stale row is re-read anyway; a save must not fail for the cache's sake
+        log.warning("could not delete the index %s before a replacement: %s", store.url_of(INDEX_NAME), exc)
 
 
 def read_index_meta(store: Store) -> dict[str, Any]:

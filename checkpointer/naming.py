@@ -29,6 +29,9 @@ def template_fields(template: str) -> list[str]:
         raise ConfigurationError(f"filename template {template!r} must not contain folders")
     if any(f == "" or f.isdigit() for f in fields):
         raise ConfigurationError(f"filename template {template!r}: use named fields like {{epoch}}")
+    if any("." in f or "[" in f for f in fields):  # {step.__class__}: attribute or item access
+        raise ConfigurationError(f"filename template {template!r}: fields are plain names with a "
+                                 "format spec ({epoch:02d}), without attribute or index access")
     return fields
 
 

@@ -107,7 +107,12 @@ def _leaf(node: Any, parts: list[str | int], arrays: list[tuple[str, np.ndarray]
     if isinstance(node, bool):
         return ["b", node]
     if isinstance(node, int):
-        return ["i", int(node)] if _INT_MIN <= node <= _UINT_MAX else ["I", str(int(node))]
+        if _INT_MIN <= node <= _UINT_MAX:
+            return ["i", int(node)]
+        try:
+            return ["I", str(int(node))]
+        except ValueError:  # over Python's int-to-str digit limit (4,300 digits)
+            raise StateTreeError(f"{_where(parts)}: an int of more than 4,300 digits cannot be stored") from None
     if isinstance(node, float) and not isinstance(node, np.generic):  # np.float64 is a float
         return ["f", float(node)]
     if isinstance(node, str):

@@ -6,12 +6,13 @@ import math
 import signal
 from pathlib import Path
 
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from checkpointer import errors
-from checkpointer.frame import decode_framed
+from checkpointer.frame import decode_framed, encode_framed
 from checkpointer.manifest import (
     MANIFEST_MAGIC,
     MANIFEST_NAME,
@@ -109,3 +110,14 @@ def test_tiling_check_is_not_quadratic() -> None:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("ts", [msgpack.Timestamp(1, 0), msgpack.Timestamp(2**33, 5), msgpack.Timestamp(-1, 0)])
+def test_timestamp_extension_is_refused(ts: msgpack.Timestamp) -> None:
+    with pytest.raises(errors.ManifestError, match="timestamp"):
+        decode_framed(encode_framed(MANIFEST_MAGIC, {"a": [{"t": ts}]}), MANIFEST_MAGIC, "t")
+
+
+def test_timestamp_bytes_inside_a_value_are_not_a_timestamp() -> None:
+    body = {"blob": b"\xd6\xff\xd7\xff\xc7\x0c\xff", "s": "\u00ff"}
+    assert decode_framed(encode_framed(MANIFEST_MAGIC, body), MANIFEST_MAGIC, "t") == body

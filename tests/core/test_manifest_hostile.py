@@ -91,11 +91,9 @@ def _dup_file(m: dict[str, Any]) -> bytes:
 MANIFESTS = [
     ("ext-type", _with("metadata", msgpack.ExtType(5, b"x")), errors.ManifestError),
     ("ext-in-tree", _with("tree", ["d", [["k", msgpack.ExtType(1, b"")]]]), errors.ManifestError),
-    (
-        "timestamp-ext",
-        lambda m: _framed_raw(msgpack.packb({"t": msgpack.Timestamp(1, 0)})),
-        errors.ManifestError,
-    ),
+    # a complete manifest, so that only the timestamp (ext -1, decoded by msgpack itself) is wrong
+    ("timestamp-ext", _with("metadata", msgpack.Timestamp(1, 0)), errors.ManifestError),
+    ("timestamp-ext-in-metrics", _with("metrics", {"t": msgpack.Timestamp(2**40, 1)}), errors.ManifestError),
     ("huge-body", lambda m: _framed_raw(b"\x80", length=2**40), errors.ManifestError),
     ("huge-array-claim", lambda m: _framed_raw(b"\xdd\xff\xff\xff\xff"), errors.ManifestError),
     ("huge-map-claim", lambda m: _framed_raw(b"\xdf\xff\xff\xff\xff"), errors.ManifestError),
