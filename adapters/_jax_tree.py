@@ -30,18 +30,22 @@ from jax import tree_util
 
 from checkpointer.dtypes import numpy_to_safetensors
 from checkpointer.errors import StateTreeError
+from checkpointer.paths import render_path
+from checkpointer.sharding import ShardedArray, ShardSpec
+
+from ._jax_sharded import array_to_sharded, from_pieces, is_spread, to_device
 
 KEY_MARK = "__jax_prng_key__"
 BITS_MARK = "__jax_array_bits__"
 MISSING: Any = object()
 _SCALARS = (bool, int, float, complex, str, bytes)
 
-Path = tuple[str, ...]
+Path = tuple[str | int, ...]  # dict keys and node children by name, sequence items by index
 
 
 def where(path: Path) -> str:
-    """A readable rendering of a state path, e.g. ``opt_state/0/mu/kernel``."""
-    return "/".join(path) if path else "<root>"
+    """A readable rendering of a state path, e.g. ``state['opt_state'][0]['mu']``."""
+    return render_path(path)
 
 
 def is_key(x: Any) -> bool:
@@ -116,6 +120,10 @@ def encode(node: Any, path: Path = ()) -> Any:
     """Turn the pytree ``node`` into a plain state tree (see the module docstring)."""
     if node is None or isinstance(node, _SCALARS) or isinstance(node, np.generic):
         return node
+    if isinstance(node, (ShardedArray, ShardSpec)):  # already a piece (or a template's box)
+        return node
+    if is_spread(node) and not is_key(node):  # shards on other processes: this one's pieces
+        return array_to_sharded(node)
     if isinstance(node, jax.Array):
         try:
             if is_key(node):
@@ -129,7 +137,7 @@ def encode(node: Any, path: Path = ()) -> Any:
     if type(node) is dict:
         return _encode_items([(k, v) for k, v in node.items()], path, str_keys=True)
     if type(node) in (list, tuple):
-        return type(node)(encode(v, (*path, str(i))) for i, v in enumerate(node))
+        return type(node)(encode(v, (*path, i)) for i, v in enumerate(node))
     found = children(node)
     if found is None:
         raise StateTreeError(
@@ -206,25 +214,6 @@ def _is_key_state(s: Any) -> bool:
     return isinstance(s, Mapping) and set(s) == {KEY_MARK, "data"}
 
 
-def to_device(arr: Any, like: Any) -> jax.Array:
-    """``arr`` as a jax.Array placed like the template leaf ``like`` (sharding, weak type)."""
-    sharding = getattr(like, "sharding", None)
-    if sharding is not None and getattr(like, "committed", True):
-        out = jax.device_put(arr, sharding)
-    else:
-        out = jax.device_put(arr)
-    if getattr(like, "weak_type", False) and not out.weak_type:
-        # Weak types steer dtype promotion; losing one would change later arithmetic.
-        try:
-            from jax._src.lax.lax import _convert_element_type  # no public equivalent
-        except ImportError:  # pragma: no cover - a JAX that moved it: keep the strong type
-            pass
-        else:
-            out = _convert_element_type(out, None, weak_type=True)
-    result: jax.Array = out
-    return result
-
-
 def decode_plain(s: Any, path: Path = ()) -> Any:
     """A state tree back to JAX without a template: arrays become jax.Arrays, containers stay.
 
@@ -249,7 +238,7 @@ def decode_plain(s: Any, path: Path = ()) -> Any:
     if isinstance(s, dict):
         return {k: decode_plain(v, (*path, str(k))) for k, v in s.items()}
     if isinstance(s, (list, tuple)):
-        return type(s)(decode_plain(v, (*path, str(i))) for i, v in enumerate(s))
+        return type(s)(decode_plain(v, (*path, i)) for i, v in enumerate(s))
     if isinstance(s, np.ndarray) and jax.dtypes.canonicalize_dtype(s.dtype) == s.dtype:
         return jax.device_put(s)
     return s
@@ -313,7 +302,7 @@ class Decoder:
             self.fail(path, f"the template has a {type(t).__name__}, the state has {_describe(s)}")
             return t
         out = [
-            self.decode(v, s[i] if i < len(s) else MISSING, (*path, str(i)))
+            self.decode(v, s[i] if i < len(s) else MISSING, (*path, i))
             for i, v in enumerate(t)
         ]
         if self.strict and len(s) > len(t):
@@ -321,6 +310,8 @@ class Decoder:
         return type(t)(out)
 
     def _array(self, t: Any, s: Any, path: Path) -> Any:
+        if isinstance(s, ShardedArray):
+            return self._pieces(t, s, path)
         if _is_bits(s):
             try:
                 s = decode_bits(s)
@@ -342,6 +333,19 @@ class Decoder:
         if isinstance(t, np.ndarray):
             return arr
         return to_device(arr, t)
+
+    def _pieces(self, t: Any, s: ShardedArray, path: Path) -> Any:
+        """A template leaf from pieces restored through ``template(tree)``."""
+        if len(s.shards) == 1 and s.shards[0].data.shape == s.shape:
+            return self._array(t, s.shards[0].data, path)  # one piece: the whole array
+        if getattr(t, "sharding", None) is None:
+            self.fail(path, "the state has sharded pieces, the template no sharded array")
+            return t
+        built = from_pieces(t, s)
+        if isinstance(built, str):
+            self.fail(path, built)
+            return t
+        return built
 
     def _scalar(self, t: Any, s: Any, path: Path) -> Any:
         if isinstance(s, (np.generic, np.ndarray)) and np.ndim(s) == 0:

@@ -2,9 +2,11 @@
 
 Shared by :mod:`checkpointer.adapters.torch` and :mod:`checkpointer.adapters.lightning`.
 
-A torch state dict is almost a state tree already. Three things are not, and each gets a
+A torch state dict is almost a state tree already. Four things are not, and each gets a
 reversible encoding:
 
+- a ``DTensor`` (FSDP2 ``fully_shard`` parameters, tensor parallelism) becomes a
+  :class:`~checkpointer.sharding.ShardedArray` of the piece this rank writes (replicas once);
 - tensors become numpy arrays (views, no copy, where memory allows); bfloat16 and float8
   travel bit-for-bit through an integer view, never through float32;
 - dict keys that are ints (an optimizer's per-parameter ``state``) become str keys, and the
@@ -29,8 +31,27 @@ import numpy as np
 import torch
 
 from checkpointer.errors import StateTreeError
+from checkpointer.paths import render_path
+from checkpointer.sharding import Shard, ShardedArray
 
-__all__ = ["META", "encode", "decode", "tensor_to_array", "array_to_tensor", "where"]
+try:  # a torch built without distributed support has no DTensor (and no sharded state)
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover - depends on the torch build
+    DTensor = None
+
+__all__ = [
+    "META",
+    "DTensor",
+    "encode",
+    "decode",
+    "tensor_to_array",
+    "array_to_tensor",
+    "local_box",
+    "dtensor_to_sharded",
+    "place",
+    "where",
+]
 
 META = "__torch__"
 
@@ -56,7 +77,7 @@ _PLAIN = (type(None), bool, int, float, str, bytes, np.generic)
 
 def where(path: tuple[Any, ...] | list[Any]) -> str:
     """A readable location such as ``state['state'][0]['exp_avg']``."""
-    return "state" + "".join(f"[{p!r}]" for p in path)
+    return render_path(path)
 
 
 def tensor_to_array(tensor: torch.Tensor, path: tuple[Any, ...] = ()) -> np.ndarray:
@@ -104,18 +125,44 @@ def array_to_tensor(array: np.ndarray, *, copy: bool) -> torch.Tensor:
     return tensor.view(via[1]) if via is not None else tensor
 
 
+def local_box(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(offsets, shape)`` of the box of the global array this rank holds in DTensor ``t``."""
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(int(o) for o in offsets), tuple(int(n) for n in shape)
+
+
+def _writes(t: Any) -> bool:
+    """Replicated pieces are written once: by the rank at coordinate 0 of each replicated dim."""
+    coord = t.device_mesh.get_coordinate()
+    if coord is None:
+        return False
+    return all(c == 0 for c, p in zip(coord, t.placements, strict=True) if not p.is_shard())
+
+
+def dtensor_to_sharded(t: Any, path: tuple[Any, ...] = ()) -> ShardedArray:
+    """The piece of DTensor ``t`` this rank writes, as a framework-free :class:`ShardedArray`
+    (no piece on a rank holding a replica another rank writes)."""
+    offsets, shape = local_box(t)
+    local = tensor_to_array(t.to_local(), path)
+    shards = (Shard(offsets, local.reshape(shape)),) if _writes(t) else ()
+    return ShardedArray(tuple(t.shape), local.dtype, shards)
+
+
 class _Encoder:
     """One root's encoding: tracks tensor memory seen so far to detect aliases."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: tuple[Any, ...] = ()) -> None:
+        self.prefix = prefix  # where the root sits, for messages only (aliases are root-relative)
         self.seen: dict[tuple[Any, ...], list[Any]] = {}
         self.aliases: list[list[list[Any]]] = []
 
     def visit(self, node: Any, path: tuple[Any, ...]) -> Any:
         # ``path`` holds the original keys (ints stay ints): alias records use it.
+        if DTensor is not None and isinstance(node, DTensor):  # before the plain tensor check
+            return dtensor_to_sharded(node, (*self.prefix, *path))
         if isinstance(node, torch.Tensor):
             return self._tensor(node, path)
-        if isinstance(node, np.ndarray):
+        if isinstance(node, (np.ndarray, ShardedArray)):
             return node
         if isinstance(node, _PLAIN):
             return node
@@ -125,7 +172,7 @@ class _Encoder:
             items = [self.visit(v, (*path, i)) for i, v in enumerate(node)]
             return items if isinstance(node, list) else tuple(items)
         raise StateTreeError(
-            f"{where(path)}: {type(node).__module__}.{type(node).__qualname__} is not a state "
+            f"{where((*self.prefix, *path))}: {type(node).__module__}.{type(node).__qualname__} is not a state "
             "leaf (tensors, numpy arrays, int, float, bool, str, bytes, None, dict, list, "
             "tuple); nothing is ever pickled, so convert it to plain values or drop it"
         )
@@ -145,7 +192,7 @@ class _Encoder:
                 self.aliases.append([list(path), target])
                 return None
             self.seen[ident] = list(path)
-        return tensor_to_array(tensor, path)
+        return tensor_to_array(tensor, (*self.prefix, *path))
 
     def _mapping(self, node: Mapping[Any, Any], path: tuple[Any, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -153,13 +200,13 @@ class _Encoder:
         for key, value in node.items():
             if isinstance(key, bool) or not isinstance(key, (str, int)):
                 raise StateTreeError(
-                    f"{where(path)}: dict key {key!r} of type {type(key).__name__} cannot be "
+                    f"{where((*self.prefix, *path))}: dict key {key!r} of type {type(key).__name__} cannot be "
                     "stored (str and int keys can)"
                 )
             skey = str(key) if isinstance(key, int) else key
             if skey == META or skey in out:
                 raise StateTreeError(
-                    f"{where(path)}: key {key!r} collides with "
+                    f"{where((*self.prefix, *path))}: key {key!r} collides with "
                     + ("the adapter's reserved key" if skey == META else f"the key {skey!r}")
                 )
             if isinstance(key, int):
@@ -176,13 +223,15 @@ class _Encoder:
         return out
 
 
-def encode(state: Any) -> Any:
+def encode(state: Any, prefix: tuple[Any, ...] = ()) -> Any:
     """Encode one torch state dict (or any nest of tensors and plain values) as a state tree.
+
+    ``prefix`` is where ``state`` sits in a larger tree (``("model",)``), named in messages.
 
     Raises:
         StateTreeError: a value that is not a tree leaf, naming its key path.
     """
-    enc = _Encoder()
+    enc = _Encoder(prefix)
     tree = enc.visit(state, ())
     if enc.aliases:
         if not isinstance(tree, dict):
@@ -247,3 +296,66 @@ def decode(tree: Any, *, copy: bool = True) -> Any:
                 f"{where(alias)}: tied-tensor record points nowhere ({exc!r})"
             ) from exc
     return out
+
+
+def _like_dtensor(own: Any, stored: Any, path: tuple[Any, ...]) -> Any:
+    """``stored`` (this rank's restored piece, or the full tensor) as a DTensor placed like
+    ``own``; ``stored`` unchanged when its global shape differs (reported by the caller)."""
+    offsets, shape = local_box(own)
+    if tuple(stored.shape) != tuple(own.shape):
+        return stored
+    if isinstance(stored, ShardedArray):
+        found = [s.data for s in stored.shards if s.offsets == offsets and s.data.shape == shape]
+        if not found:
+            raise StateTreeError(
+                f"{where(path)}: the restored pieces do not hold this rank's box (offsets "
+                f"{offsets}, shape {shape}); restore with template=template(obj)"
+            )
+        local = array_to_tensor(found[0], copy=True)
+    else:  # a full tensor, e.g. read without a template: keep this rank's box of it
+        local = stored[tuple(slice(o, o + n) for o, n in zip(offsets, shape, strict=True))]
+    mine = own.to_local()
+    local = local.to(device=mine.device, dtype=mine.dtype).contiguous()
+    return DTensor.from_local(local, own.device_mesh, own.placements, run_check=False,
+                              shape=own.shape, stride=own.stride())  # fmt: skip
+
+
+def _whole(stored: ShardedArray, path: tuple[Any, ...]) -> torch.Tensor:
+    """A restored :class:`ShardedArray` that is one piece covering the array, as a tensor."""
+    if len(stored.shards) == 1 and stored.shards[0].data.shape == stored.shape:
+        return array_to_tensor(stored.shards[0].data, copy=True)
+    raise StateTreeError(
+        f"{where(path)}: a sharded piece, but the object holds no DTensor here to place it in"
+    )
+
+
+def place(own: Any, stored: Any, path: tuple[Any, ...] = ()) -> Any:
+    """``stored`` (a decoded state) with the tensors at ``own``'s DTensors made DTensors like
+    them, and every :class:`ShardedArray` resolved, ready for ``load_state_dict``.
+
+    ``own`` is the object's current ``state_dict()``: it tells where DTensors live and how
+    they are placed. A restored piece must be this rank's box (restore with a template); a
+    full tensor (read without one) is cut to this rank's box.
+
+    Raises:
+        StateTreeError: a piece that is not this rank's box, or a sharded piece where the
+            object holds a plain tensor (the message names the path).
+    """
+    if DTensor is not None and isinstance(own, DTensor):
+        if isinstance(stored, (ShardedArray, torch.Tensor)):
+            return _like_dtensor(own, stored, path)
+        return stored
+    if isinstance(stored, ShardedArray):
+        return _whole(stored, path)
+    if isinstance(stored, Mapping):
+        mine = own if isinstance(own, Mapping) else {}
+        out = type(stored)((k, place(mine.get(k), v, (*path, k))) for k, v in stored.items())
+        if hasattr(stored, "_metadata"):
+            out._metadata = stored._metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(stored, (list, tuple)):
+        mine = own if isinstance(own, (list, tuple)) else ()
+        items = [place(mine[i] if i < len(mine) else None, v, (*path, i))
+                 for i, v in enumerate(stored)]  # fmt: skip
+        return items if isinstance(stored, list) else tuple(items)
+    return stored

@@ -16,13 +16,13 @@ import torch
 from checkpointer import CheckpointInfo
 from checkpointer.errors import ConfigurationError
 from checkpointer.monitor import Monitor
+from checkpointer.paths import join_url
 
 __all__ = [
     "Once",
     "lightning_template",
     "check_options",
     "resolve_dirpath",
-    "join",
     "find_last",
     "ranked",
     "summarize",
@@ -107,11 +107,6 @@ def resolve_dirpath(trainer: pl.Trainer, dirpath: str | None) -> str:
     return os.path.join(str(trainer.default_root_dir), "checkpoints")
 
 
-def join(dirpath: str, name: str) -> str:
-    """``dirpath/name`` for a local path or an fsspec URL."""
-    return dirpath.rstrip("/") + "/" + name if "://" in dirpath else os.path.join(dirpath, name)
-
-
 def find_last(dirpath: str, last_template: str, storage_options: dict[str, Any] | None) -> set[str]:
     """Committed checkpoints of ``dirpath`` named like Lightning's last checkpoint."""
     fs, root = fsspec.core.url_to_fs(dirpath, **(storage_options or {}))
@@ -122,11 +117,11 @@ def find_last(dirpath: str, last_template: str, storage_options: dict[str, Any] 
     found = set()
     for path in fs.ls(root, detail=False):
         base = path.rstrip("/").rsplit("/", 1)[-1]
-        if pattern.match(base) and fs.exists(path.rstrip("/") + "/" + MANIFEST):
+        if pattern.match(base) and fs.exists(join_url(path, MANIFEST)):
             # Lightning asks fs.modified() of each candidate, which object stores answer for
             # files only: remotely, name the manifest (SafeCheckpointIO maps it back).
             remote = "://" in dirpath and not dirpath.startswith("file://")
-            found.add(join(dirpath, base) + ("/" + MANIFEST if remote else ""))
+            found.add(join_url(dirpath, base, MANIFEST if remote else ""))
     return found
 
 

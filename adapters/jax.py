@@ -15,7 +15,11 @@ How a pytree maps to a state tree:
 - a typed PRNG key (``jax.random.key``) becomes ``{"__jax_prng_key__": impl, "data": uint32}``
   (``jax.random.key_impl`` / ``jax.random.key_data``); raw uint32 keys are ordinary arrays;
 - an array of a dtype the format cannot hold natively (int4, float8_e4m3fnuz, complex128, …)
-  becomes ``{"__jax_array_bits__": dtype_name, "bits": uint8[..., itemsize]}``: its exact bytes.
+  becomes ``{"__jax_array_bits__": dtype_name, "bits": uint8[..., itemsize]}``: its exact bytes;
+- a ``jax.Array`` spread over several processes becomes a
+  :class:`~checkpointer.sharding.ShardedArray` of the pieces this process writes (replicas
+  once); restored through ``template(tree)`` of :mod:`checkpointer.adapters.jax_distributed`,
+  ``from_state`` rebuilds it from this process's pieces on the template's sharding.
 
 Example::
 
@@ -28,19 +32,16 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from ._require import require
 
-try:
+with require(__name__, "JAX, flax and optax", "jax"):
     import jax  # noqa: F401  (fail here, naming the extra, not deep inside)
-except ImportError as exc:  # pragma: no cover - exercised by the missing-extra test
-    raise ImportError(
-        "checkpointer.adapters.jax needs JAX, flax and optax: "
-        "pip install 'checkpointer-engine[jax]'"
-    ) from exc
 
 import os
+from typing import Any
 
 import checkpointer
+from checkpointer import CheckpointInfo
 from checkpointer.errors import StateTreeError
 
 from ._jax_tree import BITS_MARK, KEY_MARK, Decoder, decode_plain, encode, prefetch
@@ -124,21 +125,49 @@ def from_state(template: Any, state: Any, *, strict: bool = True) -> Any:
     return result
 
 
-def save(url: str | os.PathLike[str], pytree: Any, *, metadata: Any = None) -> Any:
-    """Save ``pytree`` with :func:`checkpointer.save`; returns its ``CheckpointInfo``."""
-    return checkpointer.save(url, to_state(pytree), metadata=metadata)
+def save(
+    url: str | os.PathLike[str],
+    pytree: Any,
+    *,
+    metadata: Any = None,
+    storage_options: dict[str, Any] | None = None,
+) -> CheckpointInfo:
+    """Save ``to_state(pytree)`` as the checkpoint ``url`` with :func:`checkpointer.save`.
+
+    Raises:
+        StateTreeError: ``pytree`` holds something that cannot be stored (see :func:`to_state`).
+        CheckpointError: any error of :func:`checkpointer.save`.
+
+    Example::
+
+        >>> save("ckpts/final", {"params": params, "step": 100})
+    """
+    return checkpointer.save(
+        url, to_state(pytree), metadata=metadata, storage_options=storage_options
+    )
 
 
 def load(
-    url: str | os.PathLike[str], template: Any = None, *, strict: bool = True, verify: bool = True
+    url: str | os.PathLike[str],
+    template: Any = None,
+    *,
+    strict: bool = True,
+    verify: bool = True,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
-    """Load a checkpoint with :func:`checkpointer.load` and rebuild it like ``template``.
+    """Read the checkpoint ``url`` with :func:`checkpointer.load`, rebuilt like ``template``
+    (functional: the template is not changed, the restored pytree is returned).
 
     Raises:
         StateTreeError: the checkpoint does not match ``template`` (see :func:`from_state`).
         CheckpointError: any error of :func:`checkpointer.load`.
+
+    Example::
+
+        >>> params = load("ckpts/final", {"params": params, "step": 0})["params"]
     """
-    return from_state(template, checkpointer.load(url, verify=verify), strict=strict)
+    state = checkpointer.load(url, verify=verify, storage_options=storage_options)
+    return from_state(template, state, strict=strict)
 
 
 def restore(

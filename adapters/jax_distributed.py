@@ -1,11 +1,15 @@
-"""JAX multi-process: rank agreement and arrays sharded across processes.
+"""JAX multi-process: rank agreement and the restore template of arrays spread over processes.
 
 ``JaxCoordinator`` is used automatically by :class:`checkpointer.CheckpointManager` once
-``jax.distributed.initialize`` has started more than one process. ``to_state(tree)``
-turns each ``jax.Array`` into the pieces this process writes (replicas once, by replica
-0); ``restore(template=template(tree))`` reads back only the boxes this process's devices
-hold, and ``from_state(tree, state)`` rebuilds arrays with the template's sharding, so a
-checkpoint written on one mesh restores onto another::
+``jax.distributed.initialize`` has started more than one process. Saving and loading use the
+same :func:`checkpointer.adapters.jax.to_state` / ``from_state`` as one process (each
+``jax.Array`` spread over processes becomes the pieces this process writes, replicas once);
+what is specific to several processes is here: ``template(tree)`` names the boxes this
+process's devices hold, so that a restore reads only those, and ``from_state`` rebuilds the
+arrays with the template's shardings (a checkpoint written on one mesh restores onto
+another)::
+
+    from checkpointer.adapters.jax import from_state, to_state
 
     mgr.save(to_state({"w": w}), step=step)
     w = from_state({"w": w}, mgr.restore(template=template({"w": w})).state)["w"]
@@ -13,23 +17,23 @@ checkpoint written on one mesh restores onto another::
 
 from __future__ import annotations
 
-try:
+from ._require import require
+
+with require(__name__, "JAX", "jax"):
     import jax
     from jax.experimental import multihost_utils
-except ImportError as exc:  # pragma: no cover - exercised without jax only
-    raise ImportError(
-        "checkpointer.adapters.jax_distributed needs JAX: pip install 'checkpointer-engine[jax]'"
-    ) from exc
 
 from typing import Any
 
 import numpy as np
 
 from checkpointer.distributed import KeyValueCoordinator
-from checkpointer.errors import StateTreeError
-from checkpointer.sharding import Shard, ShardedArray, ShardSpec
+from checkpointer.errors import ConfigurationError
 
-__all__ = ["JaxCoordinator", "array_to_sharded", "array_spec", "to_state", "template", "from_state"]
+from ._jax_sharded import array_spec, is_spread
+from ._jax_tree import encode, is_key
+
+__all__ = ["JaxCoordinator", "template"]
 
 
 def _pad(data: bytes, width: int) -> np.ndarray:
@@ -66,17 +70,23 @@ class JaxCoordinator:
             return None
         return [bytes(rows[i, : int(sizes[i])].tobytes()) for i in range(self.world_size)]
 
-
     def background(self, timeout_s: float = 1800.0) -> KeyValueCoordinator:
         """A coordinator for the asynchronous writer thread: it talks through the
         ``jax.distributed`` key-value store, not through device collectives, so it never
         interleaves with the computations of the training loop. Every process calls it at
-        the same point."""
-        from jax._src import distributed
+        the same point.
+
+        Raises:
+            ConfigurationError: ``jax.distributed`` is not initialized.
+        """
+        from jax._src import distributed  # private, no public handle on the client: lazily
 
         client = distributed.global_state.client
         if client is None:
-            raise RuntimeError("jax.distributed is not initialized")
+            raise ConfigurationError(
+                "an asynchronous save on several JAX processes needs jax.distributed: "
+                "call jax.distributed.initialize() first"
+            )
         global _BACKGROUND
         _BACKGROUND += 1
         timeout_ms = int(timeout_s * 1000)
@@ -88,61 +98,17 @@ class JaxCoordinator:
 _BACKGROUND = 0  # background coordinators made by this process
 
 
-def _start(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(0 if s.start is None else int(s.start) for s in index) + (0,) * (
-        len(shape) - len(index)
-    )
-
-
-def array_to_sharded(x: jax.Array) -> ShardedArray:
-    """The pieces of ``x`` this process writes: its addressable shards of replica 0."""
-    shards = tuple(
-        Shard(_start(s.index, x.shape), np.asarray(s.data))
-        for s in x.addressable_shards
-        if s.replica_id == 0
-    )
-    return ShardedArray(tuple(x.shape), np.dtype(x.dtype), shards)
-
-
-def array_spec(x: jax.Array) -> ShardSpec:
-    """The boxes this process's devices hold of ``x`` (what it reads on restore)."""
-    boxes = {}
-    for s in x.addressable_shards:
-        start = _start(s.index, x.shape)
-        boxes[start] = (start, tuple(s.data.shape))
-    return ShardSpec(tuple(x.shape), np.dtype(x.dtype), tuple(boxes.values()))
-
-
-def _map(fn: Any, tree: Any) -> Any:
-    return jax.tree_util.tree_map(
-        fn, tree, is_leaf=lambda x: isinstance(x, (ShardedArray, ShardSpec))
-    )
-
-
-def to_state(tree: Any) -> Any:
-    """``tree`` with every ``jax.Array`` as a :class:`ShardedArray` of this process's pieces."""
-    return _map(lambda x: array_to_sharded(x) if isinstance(x, jax.Array) else x, tree)
-
-
 def template(tree: Any) -> Any:
-    """The restore template of ``tree``: a :class:`ShardSpec` per ``jax.Array``."""
-    return _map(lambda x: array_spec(x) if isinstance(x, jax.Array) else None, tree)
+    """The restore template of ``tree``, shaped like ``to_state(tree)``: a :class:`ShardSpec`
+    (the boxes this process's devices hold) per ``jax.Array`` spread over processes, ``None``
+    elsewhere (read whole).
 
+    Example::
 
-def from_state(like: Any, state: Any) -> Any:
-    """Arrays with ``like``'s shardings from a state restored with ``template(like)``."""
-
-    def build(x: Any, got: Any) -> Any:
-        if not isinstance(x, jax.Array):
-            return got
-        if not isinstance(got, ShardedArray):
-            raise StateTreeError("restore with template(tree) to get this process's pieces")
-        pieces = {s.offsets: s.data for s in got.shards}
-        arrays = [
-            jax.device_put(pieces[_start(s.index, x.shape)], s.device) for s in x.addressable_shards
-        ]
-        return jax.make_array_from_single_device_arrays(x.shape, x.sharding, arrays)
-
-    return jax.tree_util.tree_map(
-        build, like, state, is_leaf=lambda v: isinstance(v, (ShardedArray, ShardSpec))
+        state = mgr.restore(template=template(like)).state
+        restored = from_state(like, state)    # from checkpointer.adapters.jax
+    """
+    specs = jax.tree_util.tree_map(
+        lambda x: array_spec(x) if is_spread(x) and not is_key(x) else None, tree
     )
+    return encode(specs)

@@ -9,26 +9,21 @@ A ``filepath`` ending in ``.weights.h5``, ``.keras`` or ``.h5`` gets exactly the
 would write, committed atomically on any fsspec store; any other path (a folder, or a
 ``.safetensors`` name) is a checkpoint in this project's format written by
 :class:`checkpointer.CheckpointManager`. ``to_state`` / ``load_state`` convert a model for
-plain use with ``checkpointer.save`` / ``checkpointer.load``.
+plain use with ``checkpointer.save`` / ``checkpointer.load``; ``save(url, model)`` /
+``load(url, model)`` are the one-liners.
 """
 
 from __future__ import annotations
 
-try:
+from ._require import require
+
+with require(__name__, "Keras 3 and a backend", "keras"):
     import keras
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "checkpointer.adapters.keras needs Keras 3 and a backend: "
-        "pip install 'checkpointer-engine[keras]'"
-    ) from exc
-if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover
-    raise ImportError(
-        f"checkpointer.adapters.keras needs Keras 3, found {keras.__version__}: "
-        "pip install 'checkpointer-engine[keras]'"
-    )
+
+    if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover
+        raise ImportError(f"found Keras {keras.__version__}")
 
 import logging
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -37,8 +32,8 @@ from typing import Any
 
 from checkpointer import CheckpointManager, CheckpointWarning
 from checkpointer.errors import ConfigurationError, MetricError
-from checkpointer.monitor import Monitor, infer_mode
-from checkpointer.retention import Retention
+from checkpointer.monitor import Monitor, Score, check_options, infer_mode
+from checkpointer.retention import check_limit
 
 from . import _keras_files as files
 from ._keras_backup import BackupAndRestore
@@ -51,9 +46,9 @@ from ._keras_common import (
     split_managed,
 )
 from ._keras_record import RECORD_SUFFIX, FileEntry, FileRecord
-from ._keras_state import load_state, to_state
+from ._keras_state import load, load_state, save, to_state
 
-__all__ = ["ModelCheckpoint", "BackupAndRestore", "to_state", "load_state"]
+__all__ = ["ModelCheckpoint", "BackupAndRestore", "to_state", "load_state", "save", "load"]
 
 _log = logging.getLogger("checkpointer")
 
@@ -130,8 +125,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self.keep_last = keep_last
         self.async_save = bool(async_save)
         self.storage_options = storage_options
-        Retention(keep_last, keep_best)  # validates both
-        Monitor.create(monitor, "min", min_delta, initial_value_threshold, nan_policy)  # validates
+        check_limit("keep_last", keep_last)
+        check_limit("keep_best", keep_best)
+        check_options(min_delta, initial_value_threshold, nan_policy)
         self.best: float | None = None
         self._ranked = self.save_best_only or bool(keep_best)
         self._monitor = self._resolve_monitor(None)
@@ -236,27 +232,24 @@ class ModelCheckpoint(keras.callbacks.Callback):
                 f'Failed to format this callback filepath: "{self.filepath}". Reason: {e}'
             ) from e
 
-    def _ranked_value(self, logs: Mapping[str, Any]) -> float | None:
-        """The monitored value when ranking is on; warns when it is missing or not a number."""
+    def _score(self, logs: Mapping[str, Any]) -> Score | None:
+        """The monitored value judged by the core when ranking is on; warns when missing.
+
+        Raises:
+            MetricError: a NaN/inf value under ``nan_policy="raise"``.
+        """
         if not self._ranked or self._monitor is None:
             return None
-        try:
-            value = self._monitor.extract(scalar_logs(logs))
-        except MetricError as exc:
-            value, why = None, str(exc)
-        else:
-            why = f"{self.monitor!r} is not in the logs ({sorted(logs)})"
-        if value is None:
+        score = self._monitor.score(scalar_logs(logs))  # non-numbers are not in scalar_logs
+        if score.missing:
             warnings.warn(
-                f"Can save best model only with {self.monitor} available: {why}; "
-                "this save point is not ranked and the best is not overwritten.",
+                f"Can save best model only with {self.monitor} available: {self.monitor!r} is "
+                f"not in the logs ({sorted(logs)}); this save point is not ranked and the best "
+                "is not overwritten.",
                 CheckpointWarning,
                 stacklevel=3,
             )
-            return None
-        if not math.isfinite(value) and self.nan_policy == "raise":
-            raise MetricError(f"monitored metric {self.monitor!r} is {value} (nan_policy='raise')")
-        return value
+        return score
 
     def _save(self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None) -> None:
         self._wait_pending()
@@ -268,10 +261,11 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     def _save_file(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> None:
         filepath = self._get_file_path(epoch, batch, logs)
-        value = self._ranked_value(logs)
-        if value is not None and not math.isfinite(value) and self.nan_policy == "skip":
-            _log.info("not saving %s: %s is %s (nan_policy='skip')", filepath, self.monitor, value)
+        score = self._score(logs)
+        if score is not None and score.skip:
+            _log.info("not saving %s: %s", filepath, score.skip)
             return
+        value = None if score is None else score.value
         is_best = False
         if self.save_best_only:
             assert self._monitor is not None
@@ -329,16 +323,16 @@ class ModelCheckpoint(keras.callbacks.Callback):
         info = self._manager.epoch_end(
             epoch + 1, lambda: self._state(epoch + 1, step), step=step, metrics=metrics
         )
-        value = None
+        score = Score(None)
         if self._ranked and self._monitor is not None:
             try:
-                value = self._monitor.extract(metrics)
-            except MetricError:
-                value = None
+                score = self._monitor.score(metrics)
+            except MetricError:  # the manager judged it already (and raised under "raise")
+                score = Score(None)
+        value = score.value
         if (
             info is not None
-            and value is not None
-            and math.isfinite(value)
+            and score.finite
             and (self.save_best_only or self._monitor.better(value, previous))
         ):  # type: ignore[union-attr]
             self.best = value

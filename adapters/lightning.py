@@ -9,20 +9,22 @@ whether the score enters the top k, then hands the trainer's checkpoint dict to 
 read back from the manager, so storage is the single source of truth, also after a resume.
 Under DDP only rank 0 writes; the decisions and the resulting attributes are broadcast.
 
-Deviations from Lightning's ``ModelCheckpoint`` are listed in ``docs/readme-torch.md``.
+Deviations from Lightning's ``ModelCheckpoint`` are listed in the README, section
+"Deviations from Lightning's ``ModelCheckpoint``".
+
+A ``LightningModule`` is an ``nn.Module``: the plain verbs ``to_state`` / ``load_state`` /
+``save`` / ``load`` of :mod:`checkpointer.adapters.torch` apply to it as they are, and are
+re-exported here (``from checkpointer.adapters.lightning import to_state``).
 """
 
 from __future__ import annotations
 
-try:
+from ._require import require
+
+with require(__name__, "Lightning", "lightning"):
     import lightning.pytorch as pl
     from lightning.fabric.plugins import TorchCheckpointIO
     from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
-except ImportError as exc:  # pragma: no cover - exercised only without lightning
-    raise ImportError(
-        "checkpointer.adapters.lightning needs Lightning: "
-        "pip install 'checkpointer-engine[lightning]'"
-    ) from exc
 
 import logging
 import math
@@ -40,6 +42,7 @@ from checkpointer import CheckpointManager
 from checkpointer.distributed import SingleProcess
 from checkpointer.monitor import Monitor
 from checkpointer.naming import format_name, template_fields
+from checkpointer.paths import join_url
 from checkpointer.schedule import Schedule
 
 from ._torch_lightning_io import SafeCheckpointIO, decode_checkpoint, encode_checkpoint
@@ -48,15 +51,15 @@ from ._torch_lightning_util import (
     apply_summary,
     check_options,
     find_last,
-    join,
     lightning_template,
     ranked,
     resolve_dirpath,
     summarize,
 )
-from .torch import rng_state, set_rng_state
+from .torch import load, load_state, rng_state, save, set_rng_state, to_state
 
-__all__ = ["ModelCheckpoint", "SafeCheckpointIO", "encode_checkpoint", "decode_checkpoint"]
+__all__ = ["ModelCheckpoint", "SafeCheckpointIO", "encode_checkpoint", "decode_checkpoint",
+           "to_state", "load_state", "save", "load"]  # fmt: skip
 
 log = logging.getLogger("checkpointer")
 
@@ -70,7 +73,8 @@ log = logging.getLogger("checkpointer")
 class ModelCheckpoint(_LightningModelCheckpoint):
     """Lightning's ``ModelCheckpoint``, backed by :class:`checkpointer.CheckpointManager`.
 
-    Takes Lightning's arguments with Lightning's meaning (deviations: docs/readme-torch.md).
+    Takes Lightning's arguments with Lightning's meaning (deviations: the README's
+    "Deviations from Lightning's ``ModelCheckpoint``").
     Each checkpoint is a folder ``<dirpath>/<name>.ckpt/`` in this library's format
     (safetensors + msgpack, no pickle). ``setup`` installs :class:`SafeCheckpointIO` on the
     trainer when it still uses Lightning's default ``TorchCheckpointIO``, so that
@@ -319,7 +323,7 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             + self.FILE_EXTENSION
         )
         assert self.dirpath is not None
-        url = join(self.dirpath, name)
+        url = join_url(self.dirpath, name)
         checkpointer.save(
             url,
             state,

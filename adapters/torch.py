@@ -3,9 +3,17 @@
 ``to_state(obj)`` reads anything with ``state_dict()`` (an ``nn.Module``, any
 ``torch.optim`` optimizer, an LR scheduler, a ``GradScaler``, ...) or a dict of those, and
 returns a plain state tree that :func:`checkpointer.save` and :class:`CheckpointManager`
-store; ``load_state(obj, state)`` puts it back. Tensors become numpy views without a copy
-where memory allows, so save (or snapshot) the tree before training mutates the model
-again. Nothing here pickles, and nothing mutates the objects it reads.
+store; ``load_state(obj, state)`` puts it back; ``save(url, obj)`` / ``load(url, obj)`` are
+the one-liners over :func:`checkpointer.save` / :func:`checkpointer.load`. Tensors become
+numpy views without a copy where memory allows, so save (or snapshot) the tree before
+training mutates the model again. Nothing here pickles, and nothing mutates the objects it
+reads.
+
+Sharded models (FSDP2 ``fully_shard``, ``DTensor`` parameters) go through the same
+functions: each ``DTensor`` becomes a :class:`~checkpointer.sharding.ShardedArray` of the
+piece this rank writes, and ``load_state`` puts restored pieces (``restore(template=
+template(obj))``, see :mod:`checkpointer.adapters.torch_distributed`) or full arrays back
+into the ``DTensor`` parameters, placed as they are.
 
 Example::
 
@@ -23,26 +31,26 @@ Example::
 
 from __future__ import annotations
 
-try:
+from ._require import require
+
+with require(__name__, "PyTorch", "torch"):
     import torch
-except ImportError as exc:  # pragma: no cover - exercised only without torch
-    raise ImportError(
-        "checkpointer.adapters.torch needs PyTorch: pip install 'checkpointer-engine[torch]'"
-    ) from exc
 
 import logging
-import random
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+import checkpointer
+from checkpointer import CheckpointInfo
 from checkpointer.errors import StateTreeError
+from checkpointer.paths import render_path
 
-from ._torch_codec import array_to_tensor, decode, encode, tensor_to_array
+from ._torch_codec import META, DTensor, decode, encode, place
+from ._torch_rng import rng_state, set_rng_state
 
-__all__ = ["to_state", "load_state", "rng_state", "set_rng_state", "LoadReport"]
+__all__ = ["to_state", "load_state", "save", "load", "rng_state", "set_rng_state", "LoadReport"]
 
 log = logging.getLogger("checkpointer")
 
@@ -94,36 +102,55 @@ class LoadReport:
         )
 
 
-def _is_stateful(obj: Any) -> bool:
+def is_stateful(obj: Any) -> bool:
+    """Whether ``obj`` has a ``state_dict()`` method (and is not a class)."""
     return callable(getattr(obj, "state_dict", None)) and not isinstance(obj, type)
 
 
 def _holds_stateful(obj: Any) -> bool:
-    if _is_stateful(obj):
+    if is_stateful(obj):
         return True
     return isinstance(obj, Mapping) and any(_holds_stateful(v) for v in obj.values())
+
+
+def _holds_tensor(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    return isinstance(obj, Mapping) and any(_holds_tensor(v) for v in obj.values())
 
 
 def to_state(obj: Any) -> Any:
     """The state tree of ``obj``: anything with ``state_dict()``, or a dict of those.
 
     A dict mixing objects and plain values (``{"model": m, "epoch": 3}``) keeps the plain
-    values as they are; a dict without any object is treated as a raw state dict.
+    values as they are; a dict without any object is treated as a raw state dict. A
+    ``DTensor`` (FSDP2, tensor parallelism) becomes a ``ShardedArray`` of this rank's piece.
 
     Raises:
         StateTreeError: a state dict holds a value that is not a tree leaf (the message names
             the key), or a tensor numpy cannot represent.
+
+    Example::
+
+        >>> to_state({"model": torch.nn.Linear(2, 1), "epoch": 3})["model"]["weight"].shape
+        (1, 2)
     """
-    if _is_stateful(obj):
-        return encode(obj.state_dict())
+    return _to_state(obj, ())
+
+
+def _to_state(obj: Any, path: tuple[str, ...]) -> Any:
+    if is_stateful(obj):
+        return encode(obj.state_dict(), path)
     if isinstance(obj, Mapping) and _holds_stateful(obj):
         out = {}
         for key, value in obj.items():
             if not isinstance(key, str):
-                raise StateTreeError(f"state[{key!r}]: keys of a dict of objects must be str")
-            out[key] = to_state(value)
+                raise StateTreeError(
+                    f"{render_path([*path, key])}: keys of a dict of objects must be str"
+                )
+            out[key] = _to_state(value, (*path, key))
         return out
-    return encode(obj)
+    return encode(obj, path)
 
 
 def load_state(obj: Any, state: Any, *, strict: bool = True) -> LoadReport:
@@ -144,48 +171,104 @@ def load_state(obj: Any, state: Any, *, strict: bool = True) -> LoadReport:
     Raises:
         StateTreeError: with ``strict=True``, the keys that are missing, unexpected or of the
             wrong shape; or an object rejecting its state (e.g. an optimizer of another shape).
+
+    Example::
+
+        >>> load_state({"model": model, "optimizer": opt}, checkpointer.load("ckpts/step-1"))
+        LoadReport(missing=(), unexpected=(), mismatched=())
     """
-    report = _load(obj, state, strict, "state")
+    report = _load(obj, state, strict, ())
     if report:
         log.warning("load_state skipped what does not fit: %s", report.describe())
     return report
 
 
-def _load(obj: Any, state: Any, strict: bool, where: str) -> LoadReport:
+def _load(obj: Any, state: Any, strict: bool, path: tuple[str, ...]) -> LoadReport:
+    where = render_path(path)
     if isinstance(obj, torch.nn.Module):
-        return _load_module(obj, state, strict, where)
-    if _is_stateful(obj) and callable(getattr(obj, "load_state_dict", None)):
+        return _load_module(obj, state, strict, path)
+    if is_stateful(obj) and callable(getattr(obj, "load_state_dict", None)):
+        placed = place(obj.state_dict(), decode(state, copy=True), path)
         try:
-            obj.load_state_dict(decode(state, copy=True))
+            obj.load_state_dict(placed)
         except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
             raise StateTreeError(
                 f"{where}: {type(obj).__name__}.load_state_dict refused the state: {exc}"
             ) from exc
         return LoadReport()
+    if isinstance(obj, torch.Tensor) or (isinstance(obj, Mapping) and not _holds_stateful(obj)):
+        return _load_tensors(obj, state, strict, path)
     if isinstance(obj, Mapping):
         if not isinstance(state, Mapping):
             raise StateTreeError(f"{where}: expected a dict of states, got {type(state).__name__}")
         report = LoadReport()
         for key, target in obj.items():
-            if not _holds_stateful(target):
+            if not (_holds_stateful(target) or _holds_tensor(target)):
                 continue
             if key not in state:
                 if strict:
                     raise StateTreeError(f"{where}: no state for {key!r} (keys: {sorted(state)})")
                 report += LoadReport(missing=(str(key),))
                 continue
-            report += _load(target, state[key], strict, f"{where}[{key!r}]").prefixed(str(key))
+            report += _load(target, state[key], strict, (*path, key)).prefixed(str(key))
         return report
     raise StateTreeError(
         f"{where}: cannot load into {type(obj).__qualname__}: it has no load_state_dict()"
     )
 
 
-def _load_module(module: torch.nn.Module, state: Any, strict: bool, where: str) -> LoadReport:
+def _pair_tensors(
+    own: Any, stored: Any, key: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> LoadReport:
+    """Pair each tensor of the raw state dict ``own`` with its stored tensor; report the rest."""
+    if isinstance(own, torch.Tensor):
+        if not isinstance(stored, torch.Tensor):
+            raise StateTreeError(f"{key or 'state'}: expected a tensor, got {type(stored).__name__}")
+        if stored.shape != own.shape:
+            return LoadReport(mismatched=((key, tuple(stored.shape), tuple(own.shape)),))
+        pairs.append((own, stored))
+        return LoadReport()
+    if not isinstance(stored, Mapping):
+        raise StateTreeError(f"{key or 'state'}: expected a dict, got {type(stored).__name__}")
+    report = LoadReport(unexpected=tuple(
+        f"{key}/{k}" if key else str(k) for k in stored if k not in own and k != META
+    ))  # fmt: skip
+    for k, v in own.items():
+        sub = f"{key}/{k}" if key else str(k)
+        if k not in stored:
+            report += LoadReport(missing=(sub,)) if _holds_tensor(v) else LoadReport()
+        elif _holds_tensor(v):
+            report += _pair_tensors(v, stored[k], sub, pairs)
+    return report
+
+
+def _load_tensors(own: Any, state: Any, strict: bool, path: tuple[str, ...]) -> LoadReport:
+    """Copy ``state`` into the tensors of a raw state dict (or one tensor) in place, each
+    DTensor's local piece included; with ``strict``, nothing is copied unless all fit."""
+    stored = place(own, decode(state, copy=False), path)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    report = _pair_tensors(own, stored, "", pairs)
+    if report and strict:
+        raise StateTreeError(
+            f"{render_path(path)}: state does not fit the state dict: {report.describe()} "
+            "(pass strict=False to load what fits)"
+        )
+    with torch.no_grad():
+        for target, value in pairs:
+            if DTensor is not None and isinstance(target, DTensor):
+                target, value = target.to_local(), value.to_local()
+            target.copy_(value)
+    return report
+
+
+def _load_module(
+    module: torch.nn.Module, state: Any, strict: bool, path: tuple[str, ...]
+) -> LoadReport:
+    where = render_path(path)
     if not isinstance(state, Mapping):
         raise StateTreeError(f"{where}: a module state is a dict, got {type(state).__name__}")
-    stored = decode(state, copy=False)
     own = module.state_dict()
+    stored = place(own, decode(state, copy=False), path)
     lazy = torch.nn.parameter.UninitializedTensorMixin  # type: ignore[attr-defined]
     mismatched = tuple(
         (k, tuple(stored[k].shape), tuple(v.shape))
@@ -217,61 +300,48 @@ def _load_module(module: torch.nn.Module, state: Any, strict: bool, where: str) 
     return report
 
 
-def rng_state() -> dict[str, Any]:
-    """The state of Python's ``random``, numpy's global generator and torch's generators.
-
-    Keys: ``"python"``, ``"numpy"``, ``"torch"`` and, where CUDA is available, ``"cuda"``
-    (one array per device). Feed the result to :func:`set_rng_state`.
-    """
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": tensor_to_array(torch.get_rng_state()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [tensor_to_array(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _as_array(value: Any, dtype: Any) -> np.ndarray:
-    """A numpy array from an array or a tensor (a Lightning checkpoint holds tensors)."""
-    if isinstance(value, torch.Tensor):
-        value = tensor_to_array(value)
-    return np.array(value, dtype=dtype, copy=True)
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore generators from :func:`rng_state`'s output; absent entries are left alone.
+def save(
+    url: str | os.PathLike[str],
+    obj: Any,
+    *,
+    metadata: Any = None,
+    storage_options: dict[str, Any] | None = None,
+) -> CheckpointInfo:
+    """Save ``to_state(obj)`` as the checkpoint ``url`` with :func:`checkpointer.save`.
 
     Raises:
-        StateTreeError: an unknown entry or one of the wrong shape.
+        StateTreeError: ``obj`` holds something that cannot be stored (see :func:`to_state`).
+        CheckpointError: any error of :func:`checkpointer.save`.
+
+    Example::
+
+        >>> save("ckpts/final", {"model": model, "optimizer": opt})
     """
-    unknown = set(state) - {"python", "numpy", "torch", "cuda"}
-    if unknown:
-        raise StateTreeError(f"rng state: unknown entries {sorted(unknown)}")
-    try:
-        if "python" in state:
-            version, internal, gauss = state["python"]
-            random.setstate((version, tuple(internal), gauss))
-        if "numpy" in state:
-            kind, keys, pos, has_gauss, cached = state["numpy"]
-            np.random.set_state(
-                (str(kind), _as_array(keys, np.uint32), int(pos), int(has_gauss), float(cached))
-            )
-        if "torch" in state:
-            torch.set_rng_state(array_to_tensor(_as_array(state["torch"], np.uint8), copy=True))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise StateTreeError(f"rng state does not fit this generator: {exc}") from exc
-    if "cuda" in state:
-        if not torch.cuda.is_available():
-            log.warning("rng state holds CUDA generators but CUDA is unavailable; ignored")
-        else:
-            cuda = [array_to_tensor(_as_array(s, np.uint8), copy=True) for s in state["cuda"]]
-            if len(cuda) != torch.cuda.device_count():
-                log.warning(
-                    "rng state holds %d CUDA generators for %d devices; restoring the common ones",
-                    len(cuda),
-                    torch.cuda.device_count(),
-                )
-            for i, s in enumerate(cuda[: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(s, i)
+    return checkpointer.save(
+        url, to_state(obj), metadata=metadata, storage_options=storage_options
+    )
+
+
+def load(
+    url: str | os.PathLike[str],
+    obj: Any,
+    *,
+    strict: bool = True,
+    verify: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> LoadReport:
+    """Read the checkpoint ``url`` with :func:`checkpointer.load` and load it into ``obj``.
+
+    Returns:
+        The :class:`LoadReport` of :func:`load_state`.
+
+    Raises:
+        StateTreeError: the checkpoint does not fit ``obj`` (see :func:`load_state`).
+        CheckpointError: any error of :func:`checkpointer.load`.
+
+    Example::
+
+        >>> load("ckpts/final", {"model": model, "optimizer": opt})
+    """
+    state = checkpointer.load(url, verify=verify, storage_options=storage_options)
+    return load_state(obj, state, strict=strict)

@@ -1,50 +1,49 @@
-"""torch.distributed: rank agreement and sharded tensors (DTensor, FSDP2).
+"""torch.distributed: rank agreement and the restore template of sharded objects.
 
 ``TorchCoordinator`` is used automatically by :class:`checkpointer.CheckpointManager` when
 ``torch.distributed`` is initialized with more than one process; pass
 ``coordinator=TorchCoordinator(group)`` to use a specific process group. Bytes travel as
-uint8 tensors (msgpack inside), never pickled. ``to_state(model.state_dict())`` turns
-DTensors (FSDP2 ``fully_shard`` parameters included) into the pieces each rank writes;
-``restore(template=template(sd))`` then ``load_state(sd, state)`` reads back only this
-rank's boxes, whatever the sharding at save time::
+uint8 tensors (msgpack inside), never pickled.
 
-    sd = model.state_dict()
-    mgr.save(to_state(sd), step=step)
+Saving and loading sharded objects (FSDP2 ``fully_shard`` modules, DTensors) uses the same
+:func:`checkpointer.adapters.torch.to_state` / ``load_state`` as plain ones; what is
+specific to several processes is here: ``template(obj)`` names the boxes this rank holds, so
+that a restore reads only those, whatever the sharding at save time::
+
+    from checkpointer.adapters.torch import load_state, to_state
+
+    mgr.save({"model": to_state(model)}, step=step)
     ...
-    load_state(sd, mgr.restore(template=template(sd)).state)
+    state = mgr.restore(template={"model": template(model)}).state
+    load_state(model, state["model"])
 """
 
 from __future__ import annotations
 
-try:
+from ._require import require
+
+with require(__name__, "PyTorch", "torch"):
     import torch
     import torch.distributed as dist
-except ImportError as exc:  # pragma: no cover - exercised without torch only
-    raise ImportError(
-        "checkpointer.adapters.torch_distributed needs PyTorch: pip install 'checkpointer-engine[torch]'"
-    ) from exc
 
 import datetime
 import zlib
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from torch.distributed import distributed_c10d
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from checkpointer.distributed import KeyValueCoordinator
-from checkpointer.errors import StateTreeError
-from checkpointer.sharding import Shard, ShardedArray, ShardSpec
+from checkpointer.errors import ConfigurationError
+from checkpointer.sharding import ShardSpec
 
-from ._torch_codec import array_to_tensor, tensor_to_array
+from ._torch_codec import local_box, tensor_to_array
+from .torch import is_stateful
 
-__all__ = ["TorchCoordinator", "dtensor_to_sharded", "dtensor_spec", "to_state", "template", "load_state"]
+__all__ = ["TorchCoordinator", "dtensor_spec", "template"]
 
 _BACKGROUND: dict[tuple[int, ...], int] = {}  # background coordinators made, per group of ranks
-
-
 
 
 class TorchCoordinator:
@@ -54,11 +53,16 @@ class TorchCoordinator:
 
         dist.init_process_group("gloo")
         mgr = CheckpointManager("ckpts", coordinator=TorchCoordinator())  # or automatic
+
+    Raises:
+        ConfigurationError: ``torch.distributed`` is not initialized.
     """
 
     def __init__(self, group: Any = None) -> None:
         if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialized")
+            raise ConfigurationError(
+                "TorchCoordinator needs torch.distributed: call dist.init_process_group() first"
+            )
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -115,77 +119,40 @@ class TorchCoordinator:
         return [bytes(b[:n].cpu().numpy().tobytes()) for b, n in zip(bufs, lengths, strict=True)]
 
 
-# -- sharded tensors ---------------------------------------------------------------------
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return tensor_to_array(t.detach())
-
-
-def _torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    return array_to_tensor(np.asarray(a), copy=False).to(dtype)
-
-
-def _is_writer(t: DTensor) -> bool:
-    """Replicated pieces are written once: by the rank at coordinate 0 of each replicated dim."""
-    coord = t.device_mesh.get_coordinate()
-    if coord is None:
-        return False
-    return all(c == 0 for c, p in zip(coord, t.placements, strict=True) if not p.is_shard())
-
-
-def dtensor_to_sharded(t: DTensor) -> ShardedArray:
-    """The pieces of ``t`` this rank writes, as a framework-free :class:`ShardedArray`."""
-    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    local = _numpy(t.to_local())
-    dtype = local.dtype
-    shards = (Shard(tuple(offsets), local.reshape(shape)),) if _is_writer(t) else ()
-    return ShardedArray(tuple(t.shape), dtype, shards)
-
+# -- restore templates --------------------------------------------------------------------
 
 def dtensor_spec(t: DTensor) -> ShardSpec:
     """The box of the global array this rank holds in ``t`` (what it reads on restore)."""
-    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return ShardSpec(tuple(t.shape), _numpy(torch.empty(0, dtype=t.dtype)).dtype,
-                     ((tuple(offsets), tuple(shape)),))
+    offsets, shape = local_box(t)
+    dtype = tensor_to_array(torch.empty(0, dtype=t.dtype)).dtype
+    return ShardSpec(tuple(t.shape), dtype, ((offsets, shape),))
 
 
-def to_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """A (possibly sharded) ``state_dict`` as a state tree: DTensors (FSDP2 parameters
-    included) become :class:`ShardedArray`, other tensors numpy arrays."""
-    out: dict[str, Any] = {}
-    for k, v in state_dict.items():
-        if isinstance(v, DTensor):
-            out[k] = dtensor_to_sharded(v)
-        elif isinstance(v, torch.Tensor):
-            out[k] = _numpy(v)
-        elif isinstance(v, Mapping):
-            out[k] = to_state(v)
-        else:
-            out[k] = v
-    return out
+def _spec_tree(node: Any) -> Any:
+    if isinstance(node, DTensor):
+        return dtensor_spec(node)
+    if isinstance(node, Mapping):
+        return {str(k): _spec_tree(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_spec_tree(v) for v in node]
+    return None
 
 
-def template(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The restore template of ``state_dict``: a :class:`ShardSpec` per DTensor."""
-    return {k: dtensor_spec(v) if isinstance(v, DTensor) else
-            template(v) if isinstance(v, Mapping) else None for k, v in state_dict.items()}
+def template(obj: Any) -> Any:
+    """The restore template of ``obj``: what :func:`~checkpointer.adapters.torch.to_state`
+    takes (a module, an optimizer, any object with ``state_dict()``, a dict of those, or a
+    state dict), with a :class:`ShardSpec` at each DTensor and ``None`` elsewhere.
 
+    Pass it as ``restore(template=...)`` at the place the state was saved: each DTensor is
+    then read back as this rank's piece only, which ``load_state`` puts in place.
 
-def load_state(state_dict: Mapping[str, Any], state: Mapping[str, Any]) -> None:
-    """Copy a restored state into ``state_dict``'s tensors in place (each DTensor's local
-    shard from the matching :class:`ShardedArray` piece). Missing keys raise."""
-    missing = [k for k in state_dict if k not in state]
-    if missing:
-        raise StateTreeError(f"restored state lacks {missing}")
-    for k, v in state_dict.items():
-        got = state[k]
-        if isinstance(v, DTensor):
-            if not isinstance(got, ShardedArray) or len(got.shards) != 1:
-                raise StateTreeError(f"{k!r}: restore with template(state_dict) to get this rank's piece")
-            with torch.no_grad():
-                v.to_local().copy_(_torch(got.shards[0].data, v.dtype).reshape(v.to_local().shape))
-        elif isinstance(v, torch.Tensor):
-            with torch.no_grad():
-                v.copy_(_torch(np.asarray(got), v.dtype).reshape(v.shape))
-        elif isinstance(v, Mapping):
-            load_state(v, got)
+    Example::
+
+        state = mgr.restore(template={"model": template(model), "optim": template(opt)}).state
+        load_state({"model": model, "optim": opt}, state)
+    """
+    if is_stateful(obj):
+        return _spec_tree(obj.state_dict())
+    if isinstance(obj, Mapping):
+        return {str(k): template(v) for k, v in obj.items()}
+    return _spec_tree(obj)

@@ -30,7 +30,7 @@ def worker(directory: str, mib: int, rounds: int, out: str) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from checkpointer import CheckpointManager
-    from checkpointer.adapters.torch_distributed import to_state
+    from checkpointer.adapters.torch import to_state
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -14,6 +14,7 @@ removes only leftovers of owners that are provably dead (this host, process gone
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from .storage import Store
 __all__ = ["write_checkpoint", "write_rank_files", "remove_checkpoint", "cleanup", "Committed",
            "Participants", "TMP_PREFIX", "OLD_PREFIX", "DEFAULT_MAX_FILE_BYTES"]
 
+log = logging.getLogger("checkpointer")
 TMP_PREFIX = ".ckpt-tmp-"
 OLD_PREFIX = ".ckpt-old-"
 DEFAULT_MAX_FILE_BYTES = 4 << 30
@@ -65,19 +67,50 @@ def doomed(rel: str) -> Iterator[str]:
         release_owner(owner)
 
 
-def remove_checkpoint(store: Store, name: str) -> None:
+def remove_checkpoint(store: Store, name: str) -> list[str]:
     """Delete checkpoint (or leftover) folder ``name`` so that a crash midway never leaves a
-    manifest naming deleted data: renamed aside first where rename is atomic (cleanup
-    finishes the delete), else the manifest goes first (the folder stops being a checkpoint
-    before any data object goes)."""
+    manifest naming deleted data; returns the files left behind (not the engine's).
+
+    The files the manifest names are the engine's; anything else in the folder is a user's
+    and stays: then the manifest goes first (the folder stops being a checkpoint), then the
+    data files, and the folder is left with the user's files. A folder holding only the
+    engine's files is renamed aside first where rename is atomic (a crash leaves a
+    temporary folder that cleanup finishes), else emptied manifest first.
+    """
+    if name.startswith(".") or "/" in name:  # a leftover of the engine's own
+        store.remove_tree(name)
+        return []
+    ours, theirs = _split_folder(store, name)
+    if theirs:
+        for rel in [MANIFEST_NAME, *sorted(ours - {MANIFEST_NAME})]:
+            if rel in ours:
+                store.remove_file(f"{name}/{rel}")
+        log.warning("deleted checkpoint %s but left files the engine did not write: %s",
+                    store.url_of(name), ", ".join(sorted(theirs)))
+        return sorted(theirs)
     with doomed(name) as gone:
-        if gone != name and store.atomic_rename:
+        if store.atomic_rename:
             store.rename(name, gone)
-        else:
-            gone = name
-            if not store.atomic_rename and store.exists(f"{name}/{MANIFEST_NAME}"):
-                store.remove_file(f"{name}/{MANIFEST_NAME}")
-        store.remove_tree(gone)
+            try:
+                store.remove_tree(gone)
+            except CheckpointError as exc:  # the checkpoint is gone already; cleanup retries
+                log.warning("could not finish deleting %s: %s", store.url_of(gone), exc)
+            return []
+        if MANIFEST_NAME in ours:
+            store.remove_file(f"{name}/{MANIFEST_NAME}")
+        store.remove_tree(name)
+    return []
+
+
+def _split_folder(store: Store, name: str) -> tuple[set[str], set[str]]:
+    """The files of folder ``name``: the engine's (the manifest and what it names, or data
+    files by their name when the manifest is unreadable) and the others."""
+    files = set(store.list_folder(name))
+    try:
+        ours = {MANIFEST_NAME} | {f.name for f in read_manifest(store, name).files}
+    except CheckpointError:
+        ours = {MANIFEST_NAME} | {f for f in files if _DATA_RE.match(f)}
+    return files & ours, files - ours
 
 
 def _plan(arrays: Sequence[tuple[str, np.ndarray]], max_file_bytes: int) -> list[list[tuple[str, np.ndarray]]]:
@@ -278,26 +311,33 @@ def cleanup(store: Store, listing: Sequence[str] | None = None) -> list[str]:
     top = {p.split("/", 1)[0] for p in files}
     removed: list[str] = []
     for entry in sorted(top):
-        if entry.startswith(OLD_PREFIX) and (parsed := _owner_of(entry, OLD_PREFIX)):
-            name, owner = parsed
-            if owner_is_dead(owner):
-                if f"{name}/{MANIFEST_NAME}" in files:
-                    remove_checkpoint(store, entry)
-                else:
-                    store.rename(entry, name)
-                removed.append(entry)
-        elif entry.startswith(TMP_PREFIX) and (parsed := _owner_of(entry, TMP_PREFIX)):
-            if owner_is_dead(parsed[1]):
-                if entry + "/" in files:
-                    remove_checkpoint(store, entry)
-                else:
-                    store.remove_file(entry)
-                removed.append(entry)
+        try:
+            removed += _clean_leftover(store, entry, files)
+        except CheckpointError as exc:  # one undeletable leftover must not lock the directory
+            log.warning("could not clean up %s (left in place): %s", store.url_of(entry), exc)
     if not store.atomic_rename:
-        removed += _cleanup_objects(store, files)
         with contextlib.suppress(CheckpointError):  # e.g. not permitted: not worth failing for
+            removed += _cleanup_objects(store, files)
+        with contextlib.suppress(CheckpointError):
             removed += _abort_uploads(store)
     return removed
+
+
+def _clean_leftover(store: Store, entry: str, files: Sequence[str]) -> list[str]:
+    """Finish or undo ``entry`` when it is a leftover of a dead writer; what went."""
+    for prefix in (OLD_PREFIX, TMP_PREFIX):
+        parsed = _owner_of(entry, prefix) if entry.startswith(prefix) else None
+        if parsed is None or not owner_is_dead(parsed[1]):
+            continue
+        name = parsed[0]
+        if prefix == OLD_PREFIX and f"{name}/{MANIFEST_NAME}" not in files:
+            store.rename(entry, name)  # the replacement never landed: the old one comes back
+        elif entry + "/" in files or prefix == OLD_PREFIX:
+            store.remove_tree(entry)
+        else:
+            store.remove_file(entry)
+        return [entry]
+    return []
 
 
 def _abort_uploads(store: Store) -> list[str]:

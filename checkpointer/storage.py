@@ -28,6 +28,7 @@ from .errors import (
     StorageError,
 )
 from .localio import LocalWriter, open_regular
+from .paths import join_url
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "open_store", "split_url"]
 
@@ -62,6 +63,9 @@ class Store(Protocol):
     def url_of(self, rel: str) -> str: ...
     def list_files(self) -> list[str]:
         """Every file up to two levels deep (``folder/file``), and folders as ``folder/``."""
+        ...
+    def list_folder(self, rel: str) -> list[str]:
+        """The names of the files directly in folder ``rel``."""
         ...
     def size(self, rel: str) -> int: ...
     def stamp(self, rel: str) -> str:
@@ -99,7 +103,7 @@ class _Rooted:
         return posixpath.join(self.root, rel) if rel else self.root
 
     def url_of(self, rel: str) -> str:
-        return self.url.rstrip("/") + "/" + rel
+        return join_url(self.url, rel)
 
 
 class LocalStore(_Rooted):
@@ -170,9 +174,18 @@ class LocalStore(_Rooted):
     def remove_file(self, rel: str) -> None:
         _guard(f"deleting {self.path(rel)}", lambda: os.unlink(self.path(rel)))
 
+    def list_folder(self, rel: str) -> list[str]:
+        return _guard(f"listing {self.path(rel)}",
+                      lambda: [e.name for e in os.scandir(self.path(rel)) if not e.is_dir()])
+
     def remove_tree(self, rel: str) -> None:
-        """Delete folder ``rel`` and everything in it (no ordering: see ``commit.remove_checkpoint``)."""
-        _guard(f"deleting {self.path(rel)}", lambda: shutil.rmtree(self.path(rel)))
+        """Delete folder ``rel`` and everything in it (no ordering: see ``commit.remove_checkpoint``);
+        a symbolic link in its place is removed, not followed."""
+        path = self.path(rel)
+        if os.path.islink(path) or os.path.isfile(path):
+            _guard(f"deleting {path}", lambda: os.unlink(path))
+        else:
+            _guard(f"deleting {path}", lambda: shutil.rmtree(path))
 
     def unfinished_uploads(self) -> list[tuple[str, str]]:
         return []  # a local write leaves a file, never an upload
@@ -267,6 +280,13 @@ class FsspecStore(_Rooted):
 
     def remove_file(self, rel: str) -> None:
         _guard(f"deleting {self.url_of(rel)}", lambda: self.fs.rm_file(self.path(rel)))
+
+    def list_folder(self, rel: str) -> list[str]:
+        def ls() -> list[str]:
+            self.fs.invalidate_cache(self.path(rel))
+            return [posixpath.basename(i["name"].rstrip("/")) for i in self.fs.ls(self.path(rel), detail=True)
+                    if i.get("type") != "directory"]
+        return _guard(f"listing {self.url_of(rel)}", ls)
 
     def remove_tree(self, rel: str) -> None:
         """Delete folder ``rel`` and everything in it (no ordering: see ``commit.remove_checkpoint``)."""

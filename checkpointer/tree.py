@@ -20,6 +20,7 @@ import numpy as np
 from .dtypes import numpy_to_safetensors, safetensors_to_numpy
 from .errors import ManifestError, StateTreeError
 from .gcpause import without_gc
+from .paths import render_path
 from .sharding import ShardedArray, ShardSpec
 
 __all__ = ["flatten", "unflatten", "path_key", "MAX_DEPTH", "resolve_state", "specs_from_template"]
@@ -34,10 +35,6 @@ def path_key(parts: list[str | int]) -> str:
     key = "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in parts)
     # safetensors reserves "__metadata__"; a bare "~" never comes out of the escaping above.
     return "~" + key if key == "__metadata__" else key
-
-
-def _where(parts: list[str | int]) -> str:
-    return "state" + "".join(f"[{p!r}]" for p in parts)
 
 
 def resolve_state(state: Any) -> Any:
@@ -58,10 +55,10 @@ def flatten(tree: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
 
     def visit(node: Any, parts: list[str | int]) -> Any:
         if len(parts) > MAX_DEPTH:
-            raise StateTreeError(f"{_where(parts[:5])}...: tree deeper than {MAX_DEPTH} levels")
+            raise StateTreeError(f"{render_path(parts[:5])}...: tree deeper than {MAX_DEPTH} levels")
         if isinstance(node, (dict, list, tuple)):
             if id(node) in active:
-                raise StateTreeError(f"{_where(parts)}: the tree contains a cycle")
+                raise StateTreeError(f"{render_path(parts)}: the tree contains a cycle")
             active.add(id(node))
             try:
                 return _container(node, parts)
@@ -75,7 +72,7 @@ def flatten(tree: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
             for k, v in node.items():
                 if not isinstance(k, str):
                     raise StateTreeError(
-                        f"{_where(parts)}: dict key {k!r} is {type(k).__name__}; "
+                        f"{render_path(parts)}: dict key {k!r} is {type(k).__name__}; "
                         "state trees take str keys only"
                     )
                 items.append([_utf8(k, parts, "dict key"), visit(v, [*parts, k])])
@@ -83,7 +80,7 @@ def flatten(tree: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
         tag = "t" if isinstance(node, tuple) else "l"
         if isinstance(node, tuple) and type(node) is not tuple:
             raise StateTreeError(
-                f"{_where(parts)}: {type(node).__name__} (a tuple subclass) cannot be stored; "
+                f"{render_path(parts)}: {type(node).__name__} (a tuple subclass) cannot be stored; "
                 "convert it to a tuple or dict (adapters restore namedtuples from a template)"
             )
         return [tag, [visit(v, [*parts, i]) for i, v in enumerate(node)]]
@@ -97,7 +94,7 @@ def _utf8(text: str, parts: list[str | int], what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise StateTreeError(f"{_where(parts)}: {what} {text!r:.60} is not valid UTF-8 ({exc.reason})") from None
+        raise StateTreeError(f"{render_path(parts)}: {what} {text!r:.60} is not valid UTF-8 ({exc.reason})") from None
     return text
 
 
@@ -112,7 +109,7 @@ def _leaf(node: Any, parts: list[str | int], arrays: list[tuple[str, np.ndarray]
         try:
             return ["I", str(int(node))]
         except ValueError:  # over Python's int-to-str digit limit (4,300 digits)
-            raise StateTreeError(f"{_where(parts)}: an int of more than 4,300 digits cannot be stored") from None
+            raise StateTreeError(f"{render_path(parts)}: an int of more than 4,300 digits cannot be stored") from None
     if isinstance(node, float) and not isinstance(node, np.generic):  # np.float64 is a float
         return ["f", float(node)]
     if isinstance(node, str):
@@ -122,7 +119,7 @@ def _leaf(node: Any, parts: list[str | int], arrays: list[tuple[str, np.ndarray]
     if isinstance(node, np.generic):
         code = numpy_to_safetensors(node.dtype)
         if code is None:
-            raise StateTreeError(f"{_where(parts)}: numpy scalar of dtype {node.dtype} is not supported")
+            raise StateTreeError(f"{render_path(parts)}: numpy scalar of dtype {node.dtype} is not supported")
         return ["g", code, np.asarray(node).astype(node.dtype.newbyteorder("<")).tobytes()]
     if isinstance(node, ShardedArray):
         key = path_key(parts)
@@ -131,14 +128,14 @@ def _leaf(node: Any, parts: list[str | int], arrays: list[tuple[str, np.ndarray]
     if isinstance(node, np.ndarray) and not isinstance(node, np.ma.MaskedArray):
         if numpy_to_safetensors(node.dtype) is None:
             raise StateTreeError(
-                f"{_where(parts)}: array of dtype {node.dtype} is not supported "
+                f"{render_path(parts)}: array of dtype {node.dtype} is not supported "
                 "(bool, ints, floats, complex64, bfloat16 and float8 are)"
             )
         key = path_key(parts)
         arrays.append((key, node))
         return ["a", key]
     raise StateTreeError(
-        f"{_where(parts)}: {type(node).__module__}.{type(node).__qualname__} is not a state "
+        f"{render_path(parts)}: {type(node).__module__}.{type(node).__qualname__} is not a state "
         "leaf (numpy arrays and scalars, int, float, bool, str, bytes, None); convert it "
         "with an adapter from checkpointer.adapters, nothing is ever pickled"
     )

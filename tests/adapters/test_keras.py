@@ -1,7 +1,8 @@
 """The Keras adapter on every Keras 3 backend.
 
 Keras reads ``KERAS_BACKEND`` once, at import, so each backend runs the case modules
-(``keras_cases_state.py``: to_state/load_state, BackupAndRestore; ``keras_cases_ckpt.py``:
+(``keras_cases_state.py``: to_state/load_state, BackupAndRestore; ``keras_cases_contract.py``:
+the adapter contract of ``contract_lib.py``; ``keras_cases_ckpt.py``:
 ModelCheckpoint, the README examples against Keras's own callback, Keras's four
 misbehaviours) in its own pytest subprocess. The three subprocesses start together and each
 parametrized test waits for its own, so the suite costs about one backend's time where cores
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-CASES = ["keras_cases_state.py", "keras_cases_ckpt.py"]
+CASES = ["keras_cases_state.py", "keras_cases_ckpt.py", "keras_cases_contract.py"]
 BACKENDS = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
 TIMEOUT = 400
 

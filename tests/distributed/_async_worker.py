@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from checkpointer import CheckpointManager, collective, commit
-from checkpointer.adapters.torch_distributed import to_state
+from checkpointer.adapters.torch import to_state
 from checkpointer.distributed import KeyValueCoordinator
 
 directory, out = sys.argv[1], sys.argv[2]

@@ -26,7 +26,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import checkpointer  # noqa: E402
 from checkpointer import CheckpointManager  # noqa: E402
-from checkpointer.adapters.jax_distributed import from_state, template, to_state  # noqa: E402
+from checkpointer.adapters.jax import from_state, to_state  # noqa: E402
+from checkpointer.adapters.jax_distributed import template  # noqa: E402
 
 mode, directory = sys.argv[1], sys.argv[2]
 expected = np.arange(48, dtype=np.float32).reshape(8, 6) / 7

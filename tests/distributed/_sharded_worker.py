@@ -20,7 +20,8 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import checkpointer
 from checkpointer import CheckpointManager, commit
-from checkpointer.adapters.torch_distributed import load_state, template, to_state
+from checkpointer.adapters.torch import load_state, to_state
+from checkpointer.adapters.torch_distributed import template
 
 mode, directory = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")

@@ -18,12 +18,13 @@ pytest.importorskip("torch.distributed")
 WORKER = Path(__file__).with_name("_sharded_worker.py")
 
 
-def _torchrun(nproc: int, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, *args: str, check: bool = True, env: dict | None = None,
+              worker: Path = WORKER) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={port}", str(WORKER), *args]
+           "--master-addr=127.0.0.1", f"--master-port={port}", str(worker), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
@@ -75,3 +76,24 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     assert [c.step for c in mgr.checkpoints] == [1]
     assert mgr.restore("latest").info.step == 1
     assert sorted(p.name for p in directory.iterdir()) == [".ckpt-index.msgpack", "step-000000001"]
+
+
+FSDP_WORKER = Path(__file__).with_name("_fsdp_model_worker.py")
+
+
+@pytest.mark.parametrize("ranks", [(2, 2), (2, 4)])
+def test_fully_sharded_model_and_optimizer_through_to_state(tmp_path, ranks):
+    """``to_state(model)`` of an FSDP2 model on gloo ranks, restored bit-exact (also onto
+    another number of ranks), through a template and through full arrays."""
+    saved_on, restored_on = ranks
+    directory, reference = tmp_path / "ckpts", tmp_path / "reference"
+    _torchrun(saved_on, "save", str(directory), str(reference), worker=FSDP_WORKER)
+    expected = checkpointer.load(reference)
+    assert {k.split("/")[0] for k in expected} == {"param", "exp_avg", "exp_avg_sq"}
+    for mode in ("restore", "full"):
+        out = tmp_path / mode
+        _torchrun(restored_on, mode, str(directory), str(out), worker=FSDP_WORKER)
+        restored = checkpointer.load(out)
+        assert set(restored) == set(expected)
+        for key, value in expected.items():
+            assert restored[key].dtype == value.dtype and np.array_equal(restored[key], value), (mode, key)
