@@ -21,11 +21,10 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from .retention import Record
 from .sharding import Shard, ShardedArray
 
 __all__ = ["AsyncWriter"]
@@ -33,17 +32,20 @@ __all__ = ["AsyncWriter"]
 log = logging.getLogger("checkpointer")
 _ALIGN = 64
 NICE = 5  # niceness added to the writer thread; 0 disables
+_P = TypeVar("_P")
 
 
 def _staged_dtype(dtype: np.dtype) -> np.dtype:
     return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
 
 
-class AsyncWriter:
+class AsyncWriter(Generic[_P]):
     """One background writer thread with a reused staging arena.
 
     Call order: :meth:`stage` (waits for the previous save, copies) -> :meth:`submit`
     (starts the write) -> ... -> :meth:`wait` / :meth:`close`. Used from one thread.
+    ``_P`` is whatever the caller hands :meth:`submit` to describe the job (the manager's
+    save plan); :attr:`pending` gives it back while the job is in flight.
     """
 
     def __init__(self) -> None:
@@ -51,8 +53,7 @@ class AsyncWriter:
         self._future: Future[Any] | None = None
         self._arena = np.empty(0, dtype=np.uint8)
         self._closed = False
-        self.pending_seq = -1
-        self.pending_record: Record | None = None
+        self.pending: _P | None = None
 
     @property
     def capacity(self) -> int:
@@ -95,17 +96,21 @@ class AsyncWriter:
         np.copyto(buf, arr, casting="equiv")
         return buf
 
-    def submit(self, seq: int, record: Record, job: Callable[[], Any]) -> None:
-        """Run ``job`` in the background (after any previous job has finished)."""
+    def submit(self, job: Callable[[], Any], *, pending: _P, label: str) -> None:
+        """Run ``job`` in the background (after any previous job has finished).
+
+        ``pending`` is :attr:`pending` until the job's outcome is collected; ``label`` names
+        the job in the log when it fails.
+        """
         self.wait()
         if self._closed:  # used again after close(): start a fresh worker
             self._executor = _new_executor()
             self._closed = False
-        self.pending_seq, self.pending_record = seq, record
+        self.pending = pending
         try:
-            self._future = self._executor.submit(_logged, record.name, job)
+            self._future = self._executor.submit(_logged, label, job)
         except RuntimeError:  # the interpreter is shutting down: save in this thread
-            self.pending_record = None
+            self.pending = None
             job()
 
     def raise_error(self) -> None:
@@ -121,7 +126,7 @@ class AsyncWriter:
         try:
             future.result()
         finally:
-            self.pending_record = None
+            self.pending = None
 
     def close(self) -> None:
         """Wait for the in-flight save, then stop the worker thread and free the arena."""

@@ -8,39 +8,45 @@ The fixed sequence of collectives (every rank takes part in each, whatever fails
 3. broadcast from rank 0: the outcome (the new list of checkpoints, or the error).
 
 Rank 0 writes the manifest between 2 and 3, so it appears only after every rank's data
-is durable; any rank's failure means no checkpoint and the same error on every rank.
+is durable; any rank's failure means no checkpoint and the same error on every rank (of the
+same class of :mod:`checkpointer.errors`, see :func:`~checkpointer.distributed.raised_elsewhere`).
+
+:class:`RankedSave` is one such save as one rank runs it: now (:meth:`RankedSave.run`), or
+from the rank's writer thread (:func:`save_in_background`, after every rank has staged its
+part: one more gather and broadcast, on the training thread's coordinator).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .commit import Participants, write_rank_files
-from .distributed import Coordinator, pack, unpack
-from .errors import CheckpointError
+from .distributed import Coordinator, failure, pack, raised_elsewhere, unpack
 from .info import CheckpointInfo
 from .manifest import FileRow, Piece, TensorRow
 from .sharding import split_pieces
 from .storage import Store
 
-__all__ = ["primary_save", "follower_save", "agree"]
+__all__ = ["primary_save", "follower_save", "agree", "RankPart", "RankedSave", "save_in_background"]
+
+log = logging.getLogger("checkpointer")
 
 
 def _rank_reply(files: list[FileRow], tensors: list[TensorRow], pieces: list[Piece]) -> dict[str, Any]:
     """One rank's written rows, as sent to rank 0 (the manifest's own row encodings)."""
     return {"ok": True, "files": [f.encode() for f in files], "tensors": [t.encode() for t in tensors],
-            "pieces": [list(p) for p in pieces], "blocks": {t.key: list(t.blocks) for t in tensors if t.blocks}}
+            "pieces": [p.encode() for p in pieces], "blocks": {t.key: list(t.blocks) for t in tensors if t.blocks}}
 
 
 def _rank_rows(reply: dict[str, Any]) -> tuple[list[FileRow], list[TensorRow], list[Piece]]:
     """The rows of :func:`_rank_reply` back as typed rows."""
     blocks = reply.get("blocks", {})
-    files = [FileRow(*row) for row in reply["files"]]
-    tensors = [TensorRow(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6], tuple(blocks.get(r[0], ())))
-               for r in reply["tensors"]]
-    pieces = [Piece(p[0], p[1], tuple(p[2]), p[3], tuple(p[4]), tuple(p[5])) for p in reply["pieces"]]
-    return files, tensors, pieces
+    files = [FileRow.decode(row) for row in reply["files"]]
+    tensors = [TensorRow.decode(row, blocks) for row in reply["tensors"]]
+    return files, tensors, [Piece.decode(row) for row in reply["pieces"]]
 
 
 class _Primary(Participants):
@@ -61,9 +67,9 @@ class _Primary(Participants):
         for rank, raw in enumerate(replies[1:], start=1):
             reply = unpack(raw)
             if not reply.get("ok"):
-                raise CheckpointError(f"rank {rank} failed to write its part: {reply.get('error')}")
-            more = _rank_rows(reply)
-            files, tensors, pieces = files + more[0], tensors + more[1], pieces + more[2]
+                raise raised_elsewhere(reply, f"rank {rank} failed to write its part")
+            their_files, their_tensors, their_pieces = _rank_rows(reply)
+            files, tensors, pieces = files + their_files, tensors + their_tensors, pieces + their_pieces
         return files, tensors, pieces
 
 
@@ -74,7 +80,7 @@ def primary_save(coord: Coordinator, write: Callable[[Participants], CheckpointI
     try:
         info = write(part)
     except BaseException as exc:
-        error = pack({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        error = pack(failure(exc))
         if part.step == 0:
             coord.broadcast_bytes(error)
             raise
@@ -95,7 +101,7 @@ def follower_save(coord: Coordinator, store: Store, arrays: Sequence[tuple[str, 
     """
     where = unpack(coord.broadcast_bytes(None))
     if not where.get("ok"):
-        raise CheckpointError(f"rank 0 failed: {where.get('error')}")
+        raise raised_elsewhere(where, "rank 0 failed")
     try:
         if error is not None:
             raise error
@@ -107,28 +113,91 @@ def follower_save(coord: Coordinator, store: Store, arrays: Sequence[tuple[str, 
                                               pieces, max_file_bytes)
         reply = _rank_reply(files, tensors, meta)
     except Exception as exc:
-        reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        reply = failure(exc)
     coord.gather_bytes(pack(reply))
     outcome = unpack(coord.broadcast_bytes(None))
     if error is not None:
         raise error
     if not reply["ok"]:
-        raise CheckpointError(f"rank {coord.rank} failed to write its part: {reply['error']}")
+        raise raised_elsewhere(reply, f"rank {coord.rank} failed to write its part")
     if not outcome.get("ok"):
-        raise CheckpointError(f"rank 0 failed: {outcome.get('error')}")
+        raise raised_elsewhere(outcome, "rank 0 failed")
     return outcome["entries"]
 
 
 def agree(coord: Coordinator, error: BaseException | None) -> BaseException | None:
-    """Every rank's view of a collective step: ``None`` only when no rank failed."""
-    replies = coord.gather_bytes(pack("" if error is None else f"rank {coord.rank}: {error}"))
-    verdict = None
+    """Every rank's view of a collective step: ``None`` only when no rank failed, else this
+    rank's own ``error``, or (on a rank that did not fail) the failure of the first rank that
+    did, of its class, with every failed rank's message."""
+    replies = coord.gather_bytes(pack({"ok": True} if error is None else failure(error)))
+    verdict: dict[str, Any] = {"ok": True}
     if replies is not None:
-        failed = [m for m in (unpack(r) for r in replies) if m]
-        verdict = "; ".join(failed) if failed else ""
-    message = unpack(coord.broadcast_bytes(pack(verdict) if coord.rank == 0 else None))
-    if not message:
+        failed = [(rank, m) for rank, m in enumerate(map(unpack, replies)) if not m.get("ok")]
+        if failed:
+            verdict = {"ok": False, "type": failed[0][1].get("type"),
+                       "error": "; ".join(f"rank {rank}: {m.get('error')}" for rank, m in failed)}
+    outcome = unpack(coord.broadcast_bytes(pack(verdict) if coord.rank == 0 else None))
+    if outcome.get("ok"):
         return None
-    return error if error is not None else CheckpointError(message)
+    return error if error is not None else raised_elsewhere(outcome, "")
 
 
+@dataclass(frozen=True)
+class RankPart:
+    """One rank's prepared part of a save: the tree and the arrays it writes, or the
+    ``error`` that kept it from preparing them (it still takes part, to fail every rank)."""
+
+    skeleton: Any
+    arrays: Sequence[tuple[str, Any]]
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class RankedSave:
+    """One save of several ranks as this rank runs it.
+
+    ``commit(skeleton, arrays, participants)`` is rank 0's write and commit of the whole
+    checkpoint; ``entries()`` is rank 0's list of checkpoints as plain data once it has
+    committed; ``adopt(rows)`` takes that list on the other ranks.
+    """
+
+    coord: Coordinator
+    part: RankPart
+    store: Store
+    max_file_bytes: int
+    commit: Callable[[Any, Sequence[tuple[str, Any]], Participants], CheckpointInfo]
+    entries: Callable[[], Any]
+    adopt: Callable[[Any], None]
+
+    def run(self) -> CheckpointInfo | None:
+        """Take part now: rank 0 returns the new checkpoint's info, the others ``None``
+        (after adopting rank 0's list). Raises the save's error on every rank."""
+        if self.coord.rank == 0:
+            return primary_save(self.coord, self._commit, self.entries)
+        self.adopt(follower_save(self.coord, self.store, self.part.arrays, self.max_file_bytes,
+                                 self.part.error))
+        return None
+
+    def run_reported_by_rank0(self) -> None:
+        """A follower's background part: its errors reach every rank through rank 0 (the
+        outcome is shared), so raising them from this rank's writer too would raise them twice."""
+        try:
+            self.run()
+        except Exception as exc:
+            log.debug("background save part failed (reported by rank 0): %s", exc)
+
+    def _commit(self, participants: Participants) -> CheckpointInfo:
+        if self.part.error is not None:
+            raise self.part.error
+        return self.commit(self.part.skeleton, self.part.arrays, participants)
+
+
+def save_in_background(save: RankedSave, main: Coordinator,
+                       submit: Callable[[Callable[[], object]], None]) -> None:
+    """Every rank raises now (some rank could not stage its part), or every rank hands its
+    part of ``save`` to ``submit`` (its writer thread). ``main`` is the training thread's
+    coordinator: the background one belongs to the writer threads."""
+    agreed = agree(main, save.part.error)
+    if agreed is not None:
+        raise agreed
+    submit(save.run if save.coord.rank == 0 else save.run_reported_by_rank0)

@@ -19,10 +19,11 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import msgpack
 
+from . import errors
 from .errors import CheckpointError
 
 __all__ = ["Coordinator", "SingleProcess", "KeyValueCoordinator", "background_coordinator", "detect_coordinator", "run_on_primary",
-           "pack", "unpack"]
+           "pack", "unpack", "failure", "raised_elsewhere"]
 
 _T = TypeVar("_T")
 
@@ -134,12 +135,36 @@ def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+def failure(exc: BaseException) -> dict[str, Any]:
+    """``exc`` as a message to other ranks: ``{"ok": False, "error": ..., "type": ...}``."""
+    return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__}
+
+
+def raised_elsewhere(message: Any, where: str) -> CheckpointError:
+    """The error of a :func:`failure` message, to raise on this rank: ``where: error`` (the
+    error alone when ``where`` is empty), of the same class when it is one of
+    :mod:`checkpointer.errors` (so ``except StorageError`` works on every rank), else a
+    :class:`CheckpointError`.
+
+    The class is looked up by name in ``checkpointer.errors.__all__`` only: a message from
+    another process never chooses what gets instantiated beyond the engine's own tree.
+    """
+    fields = message if isinstance(message, dict) else {}
+    name = fields.get("type")
+    cls: type[CheckpointError] = CheckpointError
+    if isinstance(name, str) and name in errors.__all__:
+        cls = getattr(errors, name)
+    text = str(fields.get("error"))
+    return cls(f"{where}: {text}" if where else text)
+
+
 def run_on_primary(coord: Coordinator, fn: Callable[[], _T], encode: Callable[[_T], Any],
                    decode: Callable[[Any], _T]) -> _T:
     """Run ``fn`` on rank 0 only and hand its result (or its error) to every rank.
 
-    On other ranks an error of rank 0 is raised as a :class:`CheckpointError` carrying
-    rank 0's message, so no rank is left waiting in a collective.
+    On other ranks an error of rank 0 is raised as the same class of the engine's error
+    tree (a :class:`CheckpointError` for any other exception) carrying rank 0's message,
+    so no rank is left waiting in a collective.
     """
     if coord.world_size == 1:
         return fn()
@@ -147,13 +172,13 @@ def run_on_primary(coord: Coordinator, fn: Callable[[], _T], encode: Callable[[_
         try:
             result = fn()
         except BaseException as exc:  # no rank may be left waiting in the broadcast
-            coord.broadcast_bytes(pack({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
+            coord.broadcast_bytes(pack(failure(exc)))
             raise
         coord.broadcast_bytes(pack({"ok": True, "value": encode(result)}))
         return result
     payload = unpack(coord.broadcast_bytes(None))
     if not payload.get("ok"):
-        raise CheckpointError(f"rank 0 failed: {payload.get('error')}")
+        raise raised_elsewhere(payload, "rank 0 failed")
     return decode(payload["value"])
 
 

@@ -1,12 +1,16 @@
 """``CheckpointManager``: the one place that calls schedule, monitor, format, storage and
-retention, in that order.
+retention, in that order. It decides, then executes: the schedule and the
+:class:`~checkpointer.plan.Planner` turn a save point into a frozen
+:class:`~checkpointer.plan.SavePlan` before any state is extracted (on rank 0, which sends it
+to the other ranks); executing the plan writes, commits and retains.
 
 Call order, as seen from storage (like DCP's ``StorageWriter`` docstring):
 
 1. construction: list the directory once, clean up the engine's dead leftovers, load the
-   index (rebuilt from manifests when missing or stale);
-2. ``epoch_end`` / ``step_end``: schedule -> monitor -> (state extracted only now) ->
-   data files -> manifest -> commit -> retention deletes -> index rewrite;
+   index (rebuilt from manifests when missing or stale) and score each checkpoint once;
+2. ``epoch_end`` / ``step_end``: schedule -> monitor (the plan) -> (state extracted only
+   now) -> data files -> manifest -> commit -> retention deletes -> index rewrite (from
+   "data files" on in the writer thread with ``async_save``);
 3. ``save``: as 2 without the schedule and the ``save_best_only`` test;
 4. ``restore``: manifest -> data files with verification, falling back when allowed;
 5. ``close``: waits for an in-flight asynchronous save and raises its error.
@@ -15,43 +19,40 @@ Call order, as seen from storage (like DCP's ``StorageWriter`` docstring):
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
-
-import numpy as np
 
 from . import collective, commit
 from .async_save import AsyncWriter
 from .distributed import Coordinator, background_coordinator, detect_coordinator, run_on_primary
-from .errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    ConfigurationError,
-    MetricError,
-    StorageError,
-)
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, StorageError
 from .index import Entry, decode_entry, encode_entry, load_entries, write_index
 from .info import Checkpoint, CheckpointInfo
 from .load import load_checkpoint
-from .monitor import Monitor, to_float
-from .naming import default_name, format_name, template_fields
-from .retention import Record, Retention, best_record
+from .monitor import optional_monitor
+from .plan import (
+    CheckpointWarning,
+    Planner,
+    SavePlan,
+    Scored,
+    decode_plan,
+    encode_plan,
+    restore_order,
+)
+from .retention import Retention, best_record
 from .schedule import Schedule
 from .sharding import ShardedArray
 from .storage import open_store
 from .tree import flatten, resolve_state, specs_from_template
+from .version import LIBRARY
 
 __all__ = ["CheckpointManager", "CheckpointWarning"]
 
 log = logging.getLogger("checkpointer")
-
-
-class CheckpointWarning(UserWarning):
-    """A save went ahead without something it should have had (e.g. the monitored metric)."""
 
 
 class CheckpointManager:
@@ -79,28 +80,22 @@ class CheckpointManager:
         filesystem: Any = None, max_file_bytes: int = commit.DEFAULT_MAX_FILE_BYTES,
         coordinator: Coordinator | None = None,
     ) -> None:
-        if nan_policy not in ("worst", "skip", "raise"):
-            raise ConfigurationError(f"nan_policy must be 'worst', 'skip' or 'raise', got {nan_policy!r}")
-        self._monitor = None if monitor is None else Monitor.create(
-            monitor, mode, min_delta, initial_value_threshold, nan_policy)
-        if self._monitor is None and mode not in ("auto", "min", "max"):
-            raise ConfigurationError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
+        self._monitor = optional_monitor(monitor, mode, min_delta, initial_value_threshold, nan_policy)
         for flag, what in ((save_best_only, "save_best_only=True"), (keep_best, "keep_best")):
             if flag and self._monitor is None:
                 raise ConfigurationError(f"{what} needs a monitor (a metric name to rank by)")
         self._schedule = Schedule(every_n_epochs, every_n_steps, every_seconds)
         self._retention = Retention(keep_last, keep_best)
-        if filename is not None:
-            template_fields(filename)
+        self._planner = Planner(self._monitor, filename, bool(save_best_only), clock)
         if not isinstance(max_file_bytes, int) or max_file_bytes < 1:
             raise ConfigurationError(f"max_file_bytes must be a positive int, got {max_file_bytes!r}")
-        self.save_best_only, self.filename, self._clock = bool(save_best_only), filename, clock
-        self._nan_policy, self._max_file_bytes = nan_policy, max_file_bytes
+        self._clock, self._max_file_bytes = clock, max_file_bytes
         self._store = open_store(directory, storage_options, filesystem)
         self._protected: set[str] = set()
         self._started = clock()
         self._last_started = self._started
-        self._async = AsyncWriter() if async_save else None
+        self._async: AsyncWriter[SavePlan] | None = AsyncWriter() if async_save else None
+        self._async_seq = -1  # the last background save's, kept after it ends (see _next_seq)
         self._coord = coordinator if coordinator is not None else detect_coordinator()
         # several processes save asynchronously through a coordinator of their own
         self._bg = background_coordinator(self._coord) if async_save else None
@@ -108,26 +103,29 @@ class CheckpointManager:
         if async_save and self._coord.world_size > 1 and self._bg is None:
             log.info("%s offers no background coordinator: saves are synchronous",
                      type(self._coord).__name__)
-        self._entries: list[Entry] = []
-        self._entries = run_on_primary(self._coord, self._open_directory, self._encode_entries,
+        self._entries: list[Scored] = []  # committed, oldest first; replaced, never mutated
+        self._entries = run_on_primary(self._coord, self._open_directory, _encode_scored,
                                        self._decode_entries)
 
-    def _open_directory(self) -> list[Entry]:
+    def _open_directory(self) -> list[Scored]:
         listing = self._store.list_files()
         removed = commit.cleanup(self._store, listing)
         if removed:
             log.info("removed unfinished leftovers of dead writers: %s", ", ".join(removed))
             listing = self._store.list_files()
-        self._entries, stale = load_entries(self._store, listing)
+        entries, stale = load_entries(self._store, listing)
+        self._entries = [self._planner.scored(e) for e in entries]
         if stale and self._entries:
             self._write_index_quietly()
         return self._entries
 
-    def _encode_entries(self, entries: list[Entry]) -> Any:
-        return [encode_entry(e) for e in entries]
+    def _decode_entries(self, rows: Any) -> list[Scored]:
+        """Rank 0's entries (:func:`_encode_scored`) on another rank."""
+        ok = [r for r in rows if isinstance(r, list) and len(r) == 2 and (r[1] is None or type(r[1]) is float)]
+        return [Scored(e, r[1]) for r in ok if (e := decode_entry(self._store, r[0])) is not None]
 
-    def _decode_entries(self, rows: Any) -> list[Entry]:
-        return [e for e in (decode_entry(self._store, r) for r in rows) if e is not None]
+    def _adopt_rows(self, rows: Any) -> None:
+        self._entries = self._decode_entries(rows)
 
     # -- public properties -------------------------------------------------------------
 
@@ -150,10 +148,10 @@ class CheckpointManager:
     def best(self) -> CheckpointInfo | None:
         """The best ranked checkpoint by the monitor (``None`` without a monitor or ranking)."""
         entries = self._entries  # one snapshot: a background save may replace the list
-        rec = best_record(self._records(entries), self._monitor)
-        return next((e.info for e in entries if e.info.name == rec.name), None) if rec else None
+        rec = best_record([s.record for s in entries], self._monitor)
+        return next((s.info for s in entries if s.info.name == rec.name), None) if rec else None
 
-    # -- save points ----------------------------------------------------------------
+    # -- save points: decide (on rank 0 when there are several), then execute ------------
 
     def epoch_end(self, epoch: int, state: Any, *, step: int | None = None,
                   metrics: dict[str, Any] | None = None) -> CheckpointInfo | None:
@@ -162,161 +160,87 @@ class CheckpointManager:
         ``state`` may be a zero-argument callable, called only when a save happens.
         Returns the new checkpoint's info, or ``None`` (the reason is logged).
         """
-        def decide() -> dict[str, Any] | None:
-            self._raise_background_error()
-            reason = self._schedule.at_epoch(epoch, self._since(), self._clock())
-            if reason is None:
-                log.debug("epoch %s: not a save point", epoch)
-                return None
-            return self._plan(step, epoch, metrics, reason, best_only=self.save_best_only)
-        return self._run(decide, state)
+        decide = partial(self._decide, partial(self._schedule.at_epoch, epoch), f"epoch {epoch}")
+        return self._run(partial(decide, step, epoch, metrics), state)
 
     def step_end(self, step: int, state: Any, *,
                  metrics: dict[str, Any] | None = None) -> CheckpointInfo | None:
         """End of step ``step``: save if the schedule and the monitor say so."""
-        def decide() -> dict[str, Any] | None:
-            self._raise_background_error()
-            reason = self._schedule.at_step(step, self._since(), self._clock())
-            if reason is None:
-                log.debug("step %s: not a save point", step)
-                return None
-            return self._plan(step, None, metrics, reason, best_only=self.save_best_only)
-        return self._run(decide, state)
+        decide = partial(self._decide, partial(self._schedule.at_step, step), f"step {step}")
+        return self._run(partial(decide, step, None, metrics), state)
 
     def save(self, state: Any, *, step: int | None = None, epoch: int | None = None,
              metrics: dict[str, Any] | None = None) -> CheckpointInfo:
         """Save now, whatever the schedule and ``save_best_only``; ranked and retained as usual."""
-        def decide() -> dict[str, Any] | None:
-            self._raise_background_error()
-            return self._plan(step, epoch, metrics, "an explicit save", best_only=False, force=True)
-        info = self._run(decide, state)
+        info = self._run(partial(self._decide, None, "save", step, epoch, metrics), state)
         assert info is not None
         return info
 
-    def _plan(self, step: int | None, epoch: int | None, metrics: dict[str, Any] | None,
-              reason: str, *, best_only: bool, force: bool = False) -> dict[str, Any] | None:
-        """Apply the monitor; the plan of the save (plain data, shared with other ranks)."""
-        score, skip = self._score(metrics)
-        where = f"epoch {epoch}" if epoch is not None else f"step {step}"
-        if skip and not force:
-            log.info("%s: not saved: %s", where, skip)
-            return None
-        if best_only and self._monitor is not None:
-            best = self._best_score()
-            if score is None or not self._monitor.is_improvement(score, best):
-                log.info("%s: not saved: %s=%s is not an improvement on %s", where,
-                         self._monitor.metric, score, best)
-                return None
-        log.debug("%s: saving (%s)", where, reason)
-        clean = {k: _metric_value(k, v) for k, v in (metrics or {}).items()}
-        seq = max([e.seq for e in self._entries] + [-1]) + 1
+    def _decide(self, schedule: Callable[[float, float], str | None] | None, where: str,
+                step: int | None, epoch: int | None, metrics: dict[str, Any] | None
+                ) -> SavePlan | None:
+        """The schedule (``None``: an explicit save, forced), then the planner."""
         if self._async is not None:
-            seq = max(seq, self._async.pending_seq + 1)
-        name = (format_name(self.filename, epoch=epoch, step=step, metrics=clean)
-                if self.filename else default_name(epoch=epoch, step=step, seq=seq))
-        return {"name": name, "seq": seq, "step": step, "epoch": epoch, "metrics": clean,
-                "score": score, "time": float(self._clock())}
+            self._async.raise_error()
+        reason = "an explicit save" if schedule is None else schedule(self._since(), self._clock())
+        if reason is None:
+            log.debug("%s: not a save point", where)
+            return None
+        plan = self._planner.plan(step, epoch, metrics, reason, seq=self._next_seq(),
+                                  best=self._best_score, force=schedule is None)
+        if plan is not None and self._async is not None and self._bg is not None:
+            self._async.wait()  # several ranks: the previous save's error is everyone's, raised here
+        return plan
 
-    def _score(self, metrics: dict[str, Any] | None) -> tuple[float | None, str | None]:
-        """The monitored value and, when the save must be skipped, why."""
-        mon = self._monitor
-        if mon is None:
-            return None, None
-        value = mon.extract(metrics)
-        if value is None:
-            msg = (f"monitored metric {mon.metric!r} is missing from the metrics "
-                   f"({sorted(metrics or {})}); this save point is not ranked")
-            log.warning(msg)
-            warnings.warn(msg, CheckpointWarning, stacklevel=5)
-            return None, (f"{mon.metric!r} is missing" if self.save_best_only else None)
-        if not math.isfinite(value):
-            if self._nan_policy == "raise":
-                raise MetricError(f"monitored metric {mon.metric!r} is {value} (nan_policy='raise')")
-            if self._nan_policy == "skip":
-                return None, f"{mon.metric!r} is {value} (nan_policy='skip')"
-        return value, None
-
-    def _run(self, decide: Callable[[], dict[str, Any] | None], state: Any) -> CheckpointInfo | None:
-        """Decide (on rank 0 when there are several), then write."""
+    def _run(self, decide: Callable[[], SavePlan | None], state: Any) -> CheckpointInfo | None:
+        """Decide (on rank 0 when there are several), then execute."""
         if self._coord.world_size == 1:
             plan = decide()
             return None if plan is None else self._execute(plan, state)
         if self._bg_released:  # saving again after close(): every rank is here too
             self._bg, self._bg_released = background_coordinator(self._coord), False
-
-        def decide_after_previous() -> dict[str, Any] | None:
-            plan = decide()
-            if plan is not None and self._bg is not None:
-                assert self._async is not None
-                self._async.wait()  # the previous save's error is everyone's, raised here
-            return plan
-
-        plan = run_on_primary(self._coord, decide_after_previous, lambda p: p, lambda p: p)
+        plan = run_on_primary(self._coord, decide, encode_plan, decode_plan)
         return None if plan is None else self._execute_with_ranks(plan, state)
 
-    def _execute_with_ranks(self, plan: dict[str, Any], state: Any) -> CheckpointInfo | None:
-        """Every rank writes its part of the save ``plan``: now, or (with a background
-        coordinator) from each rank's writer thread once every rank has staged its part."""
-        self._last_started = plan["time"]
-        writer = self._async if self._bg is not None else None
-        coord = self._bg or self._coord
-        error: Exception | None = None
-        try:  # a rank that cannot prepare its part still takes part, to fail every rank
-            skeleton, arrays = flatten(resolve_state(state))
-            if writer is not None:  # followers write their pieces only: stage just those
-                mine = arrays if coord.rank == 0 else [(k, v) for k, v in arrays if isinstance(v, ShardedArray)]
-                arrays = writer.stage(mine)
-        except Exception as exc:
-            error, skeleton, arrays = exc, None, []
-        if writer is not None:  # every rank raises now, or every rank saves in the background
-            agreed = collective.agree(self._coord, error)
-            if agreed is not None:
-                raise agreed
-        record = Record(plan["name"], plan["seq"], plan["score"], True)
-        if coord.rank != 0:
-            def follow() -> None:
-                rows = collective.follower_save(coord, self._store, arrays, self._max_file_bytes, error)
-                self._entries = self._decode_entries(rows)
-            if writer is None:
-                follow()
-                return next((e.info for e in self._entries if e.info.name == plan["name"]), None)
-            writer.submit(plan["seq"], record, _errors_reported_by_rank0(follow))
-            return self._info(plan, 0)
-
-        def write(parts: commit.Participants) -> CheckpointInfo:
-            if error is not None:
-                raise error
-            return self._write_and_commit(plan, skeleton, arrays, parts)
-
-        def lead() -> CheckpointInfo:
-            return collective.primary_save(coord, write, lambda: self._encode_entries(self._entries))
-        if writer is None:
-            return lead()
-        writer.submit(plan["seq"], record, lead)
-        return self._info(plan, 0)
-
-    def _execute(self, plan: dict[str, Any], state: Any) -> CheckpointInfo:
+    def _execute(self, plan: SavePlan, state: Any) -> CheckpointInfo:
         """Write now, or snapshot and write in the background (the info returned then has
         ``nbytes=0``; ``latest`` carries the size once it has committed)."""
-        self._last_started = plan["time"]
+        self._last_started = plan.time
         skeleton, arrays = flatten(resolve_state(state))
         if self._async is None:
             return self._write_and_commit(plan, skeleton, arrays)
         staged = self._async.stage(arrays)
-        self._async.submit(plan["seq"], Record(plan["name"], plan["seq"], plan["score"], True),
-                           lambda: self._write_and_commit(plan, skeleton, staged))
-        return self._info(plan, 0)
+        self._submit(plan, partial(self._write_and_commit, plan, skeleton, staged))
+        return plan.info(self._store.url_of(plan.name), 0)
 
-    def _info(self, plan: dict[str, Any], nbytes: int) -> CheckpointInfo:
-        return CheckpointInfo(plan["name"], self._store.url_of(plan["name"]), plan["step"],
-                              plan["epoch"], plan["metrics"], plan["time"], nbytes)
+    def _execute_with_ranks(self, plan: SavePlan, state: Any) -> CheckpointInfo | None:
+        """Every rank writes its part of ``plan`` (see :mod:`checkpointer.collective`): now,
+        or (with a background coordinator) from each rank's writer thread."""
+        self._last_started = plan.time
+        writer = self._async if self._bg is not None else None
+        coord = self._bg or self._coord
+        part = _rank_part(state, coord.rank, None if writer is None else writer.stage)
+        save = collective.RankedSave(coord, part, self._store, self._max_file_bytes,
+                                     partial(self._write_and_commit, plan),
+                                     lambda: _encode_scored(self._entries), self._adopt_rows)
+        if writer is None:
+            info = save.run()
+            return info if coord.rank == 0 else next(
+                (s.info for s in self._entries if s.info.name == plan.name), None)
+        collective.save_in_background(save, self._coord, partial(self._submit, plan))
+        return plan.info(self._store.url_of(plan.name), 0)
 
-    def _write_and_commit(self, plan: dict[str, Any], skeleton: Any, arrays: Any,
+    def _submit(self, plan: SavePlan, job: Callable[[], object]) -> None:
+        assert self._async is not None
+        self._async_seq = plan.seq
+        self._async.submit(job, pending=plan, label=plan.name)
+
+    def _write_and_commit(self, plan: SavePlan, skeleton: Any, arrays: Any,
                           participants: commit.Participants | None = None) -> CheckpointInfo:
-        name = plan["name"]
-        fields = {"step": plan["step"], "epoch": plan["epoch"], "metrics": plan["metrics"],
-                  "time": plan["time"], "managed": True, "seq": plan["seq"],
-                  "library": _library_version(), "metadata": None}
+        name = plan.name
+        fields = {"step": plan.step, "epoch": plan.epoch, "metrics": dict(plan.metrics),
+                  "time": plan.time, "managed": True, "seq": plan.seq, "library": LIBRARY,
+                  "metadata": None}
         try:
             nbytes, stamp = commit.write_checkpoint(self._store, name, skeleton, arrays, fields,
                                                     max_file_bytes=self._max_file_bytes,
@@ -326,22 +250,23 @@ class CheckpointManager:
             raise
         except OSError as exc:
             raise StorageError(f"save of {self._store.url_of(name)} failed: {exc}") from exc
-        info = self._info(plan, nbytes)
-        entry = Entry(info, plan["seq"], True, stamp)  # stamp "": re-checked on reopen
-        self._entries = [e for e in self._entries if e.info.name != name] + [entry]
+        info = plan.info(self._store.url_of(plan.name), nbytes)
+        entry = Scored(Entry(info, plan.seq, True, stamp), plan.score)  # stamp "": re-checked on reopen
+        self._entries = [s for s in self._entries if s.info.name != name] + [entry]
         log.info("saved %s (%d bytes)", info.url, nbytes)
         self._apply_retention()
         self._write_index_quietly()
         return info
 
     def _apply_retention(self) -> None:
-        for name in self._retention.to_delete(self._records(), self._monitor, self._protected):
+        records = [s.record for s in self._entries]
+        for name in self._retention.to_delete(records, self._monitor, self._protected):
             try:
                 commit.remove_checkpoint(self._store, name)
             except CheckpointError as exc:
                 log.warning("could not delete %s: %s", self._store.url_of(name), exc)
                 continue
-            self._entries = [e for e in self._entries if e.info.name != name]
+            self._entries = [s for s in self._entries if s.info.name != name]
             log.info("deleted %s (outside keep_last=%s / keep_best=%s)", self._store.url_of(name),
                      self._retention.keep_last, self._retention.keep_best)
 
@@ -349,7 +274,7 @@ class CheckpointManager:
         try:
             config = {} if self._monitor is None else {
                 "monitor": self._monitor.metric, "mode": self._monitor.mode}
-            write_index(self._store, self._entries, config)
+            write_index(self._store, [s.entry for s in self._entries], config)
         except CheckpointError as exc:  # the index is a cache; the manifests are the truth
             log.warning("could not write the index: %s", exc)
 
@@ -371,7 +296,7 @@ class CheckpointManager:
         """
         self.wait()
         specs = specs_from_template(template) if template is not None else None
-        candidates, can_fall_back = self._candidates(which)
+        candidates, can_fall_back = restore_order(self._entries, which, self._monitor)
         for entry in candidates:
             error: BaseException | None = None
             try:
@@ -392,40 +317,16 @@ class CheckpointManager:
         raise CheckpointNotFoundError(f"no checkpoint in {self._store.url} matches {which!r}"
                                       + (" and verifies" if candidates else ""))
 
-    def _candidates(self, which: str | int) -> tuple[list[Entry], bool]:
-        if which == "latest":
-            return list(reversed(self._entries)), True
-        if which == "best":
-            if self._monitor is None:
-                raise ConfigurationError("restore('best') needs a monitor")
-            mon = self._monitor
-            ranked = [e for e, r in zip(self._entries, self._records(), strict=True)
-                      if r.score is not None and math.isfinite(r.score)]
-            return sorted(ranked, key=lambda e: (mon.sort_key(self._score_of(e)), e.seq)), True
-        if isinstance(which, int) and not isinstance(which, bool):
-            return [e for e in reversed(self._entries) if e.info.step == which], False
-        if isinstance(which, str):
-            return [e for e in self._entries if e.info.name == which], False
-        raise ConfigurationError(f"restore() takes 'latest', 'best', a name or a step, got {which!r}")
-
     # -- helpers ------------------------------------------------------------------------
 
-    def _score_of(self, e: Entry) -> float | None:
-        if self._monitor is None:
-            return None
-        try:
-            return self._monitor.extract(e.info.metrics)
-        except MetricError:
-            return None
-
-    def _records(self, entries: list[Entry] | None = None) -> list[Record]:
-        return [Record(e.info.name, e.seq, self._score_of(e), e.managed)
-                for e in (self._entries if entries is None else entries)]
+    def _next_seq(self) -> int:
+        # a background save in flight (or failed) is not listed yet: its seq is never reused
+        return max([s.entry.seq for s in self._entries] + [self._async_seq]) + 1
 
     def _best_score(self) -> float | None:
-        records = self._records()
-        if self._async is not None and self._async.pending_record is not None:
-            records.append(self._async.pending_record)
+        """The best score so far, a background save in flight included."""
+        pending = None if self._async is None else self._async.pending
+        records = [s.record for s in self._entries] + ([] if pending is None else [pending.record])
         rec = best_record(records, self._monitor)
         return rec.score if rec else None
 
@@ -433,30 +334,20 @@ class CheckpointManager:
         """When the last save started (an in-flight one included), or the run started."""
         return max([self._started, self._last_started] + [e.info.time for e in self._entries])
 
-    def _raise_background_error(self) -> None:
-        if self._async is not None:
-            self._async.raise_error()
-
     def wait(self) -> None:
         """Block until an in-flight asynchronous save has committed; raise its error."""
         if self._async is not None:
-            if self._coord.rank != 0:
-                self._async.wait()  # this rank's part (its errors are rank 0's to report)
-            run_on_primary(self._coord, self._async.wait, lambda _: None, lambda _: None)
+            _on_every_rank(self._coord, self._async.wait)
 
     def close(self) -> None:
         """Wait for any in-flight save, then release resources (with several processes, the
         writer threads' coordinator too: a later save makes a new one). With several
         processes, call it before the process group is destroyed."""
         if self._async is not None:
-            if self._coord.rank != 0:
-                self._async.close()
-            run_on_primary(self._coord, self._async.close, lambda _: None, lambda _: None)
+            _on_every_rank(self._coord, self._async.close)
         if self._bg is not None:  # every rank's writer is done with it: release it
             bg, self._bg, self._bg_released = self._bg, None, True
-            release = getattr(bg, "close", None)
-            if release is not None:
-                release()
+            getattr(bg, "close", lambda: None)()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -465,31 +356,29 @@ class CheckpointManager:
         self.close()
 
 
-def _errors_reported_by_rank0(job: Callable[[], None]) -> Callable[[], None]:
-    """A follower's background job: its errors reach every rank through rank 0 (the
-    collective shares the outcome), so raising them here too would raise them twice."""
-    def run() -> None:
-        try:
-            job()
-        except Exception as exc:
-            log.debug("background save part failed (reported by rank 0): %s", exc)
-    return run
+def _encode_scored(entries: list[Scored]) -> Any:
+    """Rank 0's entries with rank 0's scores, for the other ranks: they never score."""
+    return [[encode_entry(s.entry), s.score] for s in entries]
 
 
-def _metric_value(name: Any, value: Any) -> Any:
-    if not isinstance(name, str) or not name:
-        raise MetricError(f"metric names must be non-empty str, got {name!r}")
+def _rank_part(state: Any, rank: int,
+               stage: Callable[[list[tuple[str, Any]]], list[tuple[str, Any]]] | None
+               ) -> collective.RankPart:
+    """This rank's part of a save of several ranks; an error is kept, not raised, so that
+    the rank still takes part and the save fails on every rank instead of hanging."""
     try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise MetricError(f"metric name {name!r} is not valid unicode") from None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        return int(value)  # a batch or step count stays an int for {batch:02d}
-    return to_float(name, value)
+        skeleton, arrays = flatten(resolve_state(state))
+        if stage is not None:  # followers write their pieces only: stage just those
+            arrays = stage(arrays if rank == 0 else
+                           [(k, v) for k, v in arrays if isinstance(v, ShardedArray)])
+    except Exception as exc:
+        return collective.RankPart(None, [], exc)
+    return collective.RankPart(skeleton, arrays)
 
 
-def _library_version() -> str:
-    from . import __version__
-    return f"checkpointer-engine {__version__}"
+def _on_every_rank(coord: Coordinator, fn: Callable[[], None]) -> None:
+    """``fn`` (the writer's ``wait`` or ``close``) on every rank, and rank 0's outcome on
+    every rank: a follower's own errors are rank 0's to report."""
+    if coord.rank != 0:
+        fn()
+    run_on_primary(coord, fn, lambda _: None, lambda _: None)

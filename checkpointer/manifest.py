@@ -62,6 +62,12 @@ class FileRow(NamedTuple):
     def encode(self) -> list[Any]:
         return [self.name, self.nbytes, self.crc32c]
 
+    @classmethod
+    def decode(cls, row: list[Any]) -> FileRow:
+        """A row of :meth:`encode` (from another rank of this job: trusted, not validated)."""
+        name, nbytes, crc = row
+        return cls(name, nbytes, crc)
+
 
 class TensorRow(NamedTuple):
     """Where one tensor lives: file, key, dtype (safetensors name), shape, byte range, crc,
@@ -82,6 +88,13 @@ class TensorRow(NamedTuple):
 
     def encode(self) -> list[Any]:
         return [self.key, self.file, self.dtype, list(self.shape), self.begin, self.end, self.crc32c]
+
+    @classmethod
+    def decode(cls, row: list[Any], blocks: Mapping[str, Sequence[int]]) -> TensorRow:
+        """A row of :meth:`encode`, with its block checksums from ``blocks`` (piece key ->
+        crc32c per block) when it has some (from another rank: trusted)."""
+        key, file, dtype, shape, begin, end, crc = row
+        return cls(key, file, dtype, tuple(shape), begin, end, crc, tuple(blocks.get(key, ())))
 
 
 class PieceRow(NamedTuple):
@@ -112,6 +125,15 @@ class Piece(NamedTuple):
     key: str
     offsets: tuple[int, ...]
     piece_shape: tuple[int, ...]
+
+    def encode(self) -> list[Any]:
+        return [self.array, self.dtype, list(self.shape), self.key, list(self.offsets), list(self.piece_shape)]
+
+    @classmethod
+    def decode(cls, row: list[Any]) -> Piece:
+        """A row of :meth:`encode` (from another rank: trusted)."""
+        array, dtype, shape, key, offsets, piece_shape = row
+        return cls(array, dtype, tuple(shape), key, tuple(offsets), tuple(piece_shape))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from .errors import ConfigurationError, MetricError
 
-__all__ = ["Monitor", "Score", "infer_mode", "check_options"]
+__all__ = ["Monitor", "Score", "infer_mode", "check_options", "optional_monitor"]
 
 _MIN_WORDS = {"loss", "error", "err", "mse", "mae", "rmse", "mape", "msle", "nll", "cost",
               "perplexity", "ppl", "crossentropy", "entropy", "hinge", "kld", "kl",
@@ -184,6 +184,23 @@ def check_options(min_delta: Any = 0.0, initial_value_threshold: Any = None,
             f"initial_value_threshold must be a number or None, got {initial_value_threshold!r}")
     if nan_policy not in ("worst", "skip", "raise"):
         raise ConfigurationError(f"nan_policy must be 'worst', 'skip' or 'raise', got {nan_policy!r}")
+
+
+def optional_monitor(metric: str | None, mode: str = "auto", min_delta: float = 0.0,
+                     initial_value_threshold: float | None = None,
+                     nan_policy: str = "worst") -> Monitor | None:
+    """:meth:`Monitor.create`, or ``None`` when there is no ``metric``: ``nan_policy`` (first)
+    and ``mode`` are validated even then, the options that only rank are not.
+
+    Raises:
+        ConfigurationError: as :meth:`Monitor.create`.
+    """
+    check_options(nan_policy=nan_policy)
+    if metric is not None:
+        return Monitor.create(metric, mode, min_delta, initial_value_threshold, nan_policy)
+    if mode not in ("auto", "min", "max"):
+        raise ConfigurationError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
+    return None
 
 
 def _is_number(x: Any) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .errors import ConfigurationError
 from .monitor import Monitor
 
-__all__ = ["Record", "Retention", "best_record", "check_limit"]
+__all__ = ["Record", "Retention", "ranked", "best_record", "check_limit"]
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,19 @@ class Record:
     managed: bool = True
 
 
+def ranked(records: Sequence[Record], monitor: Monitor | None) -> list[Record]:
+    """The records with a finite score, best first (ties: the older first); none without a
+    monitor."""
+    if monitor is None:
+        return []
+    scored = [r for r in records if r.score is not None and math.isfinite(r.score)]
+    return sorted(scored, key=lambda r: (monitor.sort_key(r.score), r.seq))
+
+
 def best_record(records: Sequence[Record], monitor: Monitor | None) -> Record | None:
     """The best ranked record (ties: the older one), or ``None`` when none is ranked."""
-    if monitor is None:
-        return None
-    ranked = [r for r in records if r.score is not None and math.isfinite(r.score)]
-    if not ranked:
-        return None
-    return min(ranked, key=lambda r: (monitor.sort_key(r.score), r.seq))
+    order = ranked(records, monitor)
+    return order[0] if order else None
 
 
 def check_limit(name: str, value: object) -> None:
@@ -81,10 +86,8 @@ class Retention:
         managed = [r for r in by_age if r.managed]
         if self.keep_last:
             keep |= {r.name for r in managed[-self.keep_last:]}
-        if self.keep_best and monitor is not None:
-            ranked = [r for r in managed if r.score is not None and math.isfinite(r.score)]
-            ranked.sort(key=lambda r: (monitor.sort_key(r.score), r.seq))
-            keep |= {r.name for r in ranked[:self.keep_best]}
+        if self.keep_best:
+            keep |= {r.name for r in ranked(managed, monitor)[:self.keep_best]}
         return keep
 
     def to_delete(self, records: Sequence[Record], monitor: Monitor | None,

@@ -1,7 +1,7 @@
 """The contract every adapter keeps, written once and run for each adapter.
 
 An adapter is described by a :class:`Case`; ``CHECKS`` are the contract's checks. The
-torch and JAX cases run in-process (``test_contract.py``); the Keras case runs in each Keras
+torch and JAX cases run in-process (``test_adapter_contract.py``); the Keras case runs in each Keras
 backend's own subprocess (``keras_cases_contract.py``), since Keras picks its backend at
 import.
 """

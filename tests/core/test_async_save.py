@@ -19,6 +19,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from checkpointer import CheckpointManager, StorageError
 from checkpointer import commit as commit_mod
 from checkpointer import format as fmt
+from checkpointer.async_save import AsyncWriter
 from checkpointer.tree import flatten
 
 
@@ -292,3 +293,22 @@ def test_async_save_from_an_atexit_handler_still_saves(tmp_path: Any) -> None:
     mgr = CheckpointManager(tmp_path / "ck")
     assert [c.step for c in mgr.checkpoints] == [1, 2]
     assert mgr.restore("latest").state["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_the_writer_hands_back_what_it_was_given_while_the_job_runs() -> None:
+    gate = threading.Event()
+    writer: AsyncWriter[tuple[str, int]] = AsyncWriter()
+    writer.submit(lambda: gate.wait(10), pending=("epoch-3", 3), label="epoch-3")
+    assert writer.busy and writer.pending == ("epoch-3", 3)
+    gate.set()
+    writer.wait()
+    assert not writer.busy and writer.pending is None
+
+    def fails() -> None:
+        raise StorageError("bucket full")
+    writer.submit(fails, pending=("epoch-4", 4), label="epoch-4")
+    with pytest.raises(StorageError, match="bucket full"):
+        writer.wait()
+    assert writer.pending is None  # a failed job is not pending either
+    writer.close()
+

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from checkpointer.errors import ConfigurationError, MetricError
-from checkpointer.monitor import Monitor
+from checkpointer.monitor import Monitor, optional_monitor
 
 NAN, INF = float("nan"), float("inf")
 
@@ -87,6 +87,27 @@ def test_auto_mode_unknown_asks_for_mode(metric: str) -> None:
 def test_invalid_options(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         Monitor.create(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"mode": "down"}, "mode must be"),                     # checked without a metric too
+    ({"nan_policy": "ignore"}, "nan_policy must be"),
+    ({"nan_policy": "ignore", "mode": "down"}, "nan_policy must be"),  # nan_policy first
+    ({"min_delta": -1.0}, None),                            # ranking options: unused, unchecked
+    ({}, None),
+])
+def test_optional_monitor_without_a_metric(kwargs: dict[str, Any], error: str | None) -> None:
+    if error is None:
+        assert optional_monitor(None, **kwargs) is None
+    else:
+        with pytest.raises(ConfigurationError, match=error):
+            optional_monitor(None, **kwargs)
+
+
+def test_optional_monitor_with_a_metric_is_create() -> None:
+    assert optional_monitor("val_acc", nan_policy="skip") == Monitor.create("val_acc", nan_policy="skip")
+    with pytest.raises(ConfigurationError, match="min_delta"):
+        optional_monitor("val_acc", min_delta=-1.0)
 
 
 # (mode, min_delta, threshold, value, best, improves)

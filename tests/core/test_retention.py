@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from checkpointer.errors import ConfigurationError
 from checkpointer.monitor import Monitor
-from checkpointer.retention import Record, Retention, best_record
+from checkpointer.retention import Record, Retention, best_record, ranked
 
 NAN = float("nan")
 LOSS = Monitor.create("val_loss")
@@ -81,6 +84,20 @@ def test_order_comes_from_seq_not_position() -> None:
 def test_best_record(scores: list[Any], monitor: Monitor | None, best: str | None) -> None:
     rec = best_record(_records(scores), monitor)
     assert (rec.name if rec else None) == best
+
+
+@given(st.lists(st.sampled_from([None, NAN, float("inf"), -1.0, 0.1, 0.2, 0.2, 0.5]), max_size=8),
+       st.sampled_from([LOSS, ACC]))
+def test_ranked_is_the_finite_scores_best_first_older_first_on_ties(scores: list[Any],
+                                                                    monitor: Monitor) -> None:
+    records = _records(scores)
+    order = ranked(records, monitor)
+    assert sorted(r.name for r in order) == sorted(
+        r.name for r in records if r.score is not None and math.isfinite(r.score))
+    keys = [(monitor.sort_key(r.score), r.seq) for r in order]
+    assert keys == sorted(keys)
+    assert best_record(records, monitor) == (order[0] if order else None)
+    assert ranked(records, None) == []
 
 
 @pytest.mark.parametrize(
