@@ -1,9 +1,10 @@
-"""Small pieces of the Keras callbacks: Keras's ``save_freq`` rule, its printer, log and
-path helpers."""
+"""Small pieces of the Keras callbacks: Keras's argument rules (``mode``, ``save_freq``, a
+weights-only path), its printer and messages, log and path helpers."""
 
 from __future__ import annotations
 
 import string
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,9 +14,12 @@ from checkpointer.naming import template_fields
 from . import _keras_files as files
 
 __all__ = [
+    "check_mode",
     "check_save_freq",
+    "check_weights_path",
     "BatchCounter",
     "print_msg",
+    "print_save",
     "direction_from_model",
     "scalar_logs",
     "split_managed",
@@ -30,6 +34,51 @@ def print_msg(message: str) -> None:
         print(message)
     else:
         keras_print(message)
+
+
+def print_save(
+    verbose: int,
+    epoch: int,
+    monitor: str,
+    best: float | None,
+    value: float | None,
+    path: str | None,
+    ranked: bool,
+) -> None:
+    """Keras's message for a save point (1-based ``epoch``), printed when ``verbose > 0``:
+    ``path`` None means the monitored value did not improve on ``best``; with ``ranked``
+    (save-best) a save says by how much it improved."""
+    if verbose <= 0:
+        return
+    best_str = "None" if best is None else f"{best:.5f}"
+    if path is None:
+        print_msg(f"\nEpoch {epoch}: {monitor} did not improve from {best_str}")
+    elif ranked:
+        print_msg(
+            f"\nEpoch {epoch}: {monitor} improved from {best_str} to "
+            f"{value:.5f}, saving model to {path}"
+        )
+    else:
+        print_msg(f"\nEpoch {epoch}: saving model to {path}")
+
+
+def check_mode(mode: str) -> str:
+    """Keras's ``mode`` rule: an unknown mode warns and falls back to ``"auto"``."""
+    if mode not in ("auto", "min", "max"):
+        warnings.warn(
+            f"ModelCheckpoint mode '{mode}' is unknown, fallback to auto mode.", stacklevel=3
+        )
+        return "auto"
+    return mode
+
+
+def check_weights_path(filepath: str, keras_file: bool, save_weights_only: bool) -> None:
+    """Keras's rule: a Keras file saved weights-only must be a ``.weights.h5``."""
+    if keras_file and save_weights_only and not filepath.endswith(".weights.h5"):
+        raise ConfigurationError(
+            "When using `save_weights_only=True` in `ModelCheckpoint`, the filepath provided "
+            f"must end in `.weights.h5` (Keras weights format). Received: filepath={filepath}"
+        )
 
 
 def check_save_freq(save_freq: Any, *, allow_false: bool = False) -> str | int | bool:

@@ -1,11 +1,13 @@
-"""Helpers of :mod:`checkpointer.adapters.lightning`: option checks, names, where the
-checkpoints live, and the Lightning-facing attributes computed from the manager's list."""
+"""Helpers of :mod:`checkpointer.adapters.lightning`: option checks, names, metrics, where
+the checkpoints live, and the Lightning-facing attributes computed from the manager's list
+or restored from a saved callback state."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -16,18 +18,27 @@ import torch
 from checkpointer import CheckpointInfo
 from checkpointer.errors import ConfigurationError
 from checkpointer.monitor import Monitor
+from checkpointer.naming import format_name
 from checkpointer.paths import join_url
+from checkpointer.schedule import Schedule
 
 __all__ = [
     "Once",
     "lightning_template",
+    "last_name",
+    "scalar_metrics",
     "check_options",
+    "step_schedule",
+    "absolute_dirpath",
     "resolve_dirpath",
     "find_last",
     "ranked",
     "summarize",
     "apply_summary",
+    "restore_attributes",
 ]
+
+log = logging.getLogger("checkpointer")
 
 _UNSET = object()
 MANIFEST = "manifest.msgpack"
@@ -52,6 +63,30 @@ def lightning_template(filename: str | None, auto_insert: bool) -> str:
         for group in re.findall(r"(\{.*?)[:\}]", template):
             template = template.replace(group, group[1:] + "=" + "{" + group[1:])
     return template
+
+
+def last_name(template: str, extension: str, metrics: Mapping[str, float]) -> str:
+    """The last checkpoint's name: Lightning's ``CHECKPOINT_NAME_LAST`` template filled from
+    ``metrics`` (``epoch`` and ``step`` as integers, 0 when absent), plus ``extension``."""
+    return (
+        format_name(
+            template,
+            epoch=int(metrics.get("epoch", 0)),
+            step=int(metrics.get("step", 0)),
+            metrics=metrics,
+        )
+        + extension
+    )
+
+
+def scalar_metrics(candidates: Mapping[str, Any]) -> dict[str, float]:
+    """The candidates that are numbers or one-element tensors, as floats (others cannot be
+    metrics)."""
+    return {
+        k: float(v)
+        for k, v in candidates.items()
+        if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+    }
 
 
 def check_options(
@@ -89,6 +124,25 @@ def check_options(
         )
     if monitor is None and save_top_k not in (-1, 0, 1):
         raise ConfigurationError(f"save_top_k={save_top_k} needs a monitor to rank by")
+
+
+def step_schedule(every_n_train_steps: int, train_time_interval: timedelta | None) -> Schedule:
+    """The core schedule of the step and time save points (0 steps: none; an interval is
+    at least a nanosecond)."""
+    return Schedule(
+        None,
+        every_n_train_steps or None,
+        None if train_time_interval is None else max(train_time_interval.total_seconds(), 1e-9),
+    )
+
+
+def absolute_dirpath(dirpath: str | os.PathLike[str] | None) -> str | None:
+    """The ``dirpath`` argument as a string, a local one absolute (``~`` expanded, links
+    resolved, as Lightning does); a URL as it is."""
+    path = None if dirpath is None else os.fspath(dirpath)
+    if path and "://" not in path:
+        path = os.path.realpath(os.path.expanduser(path))
+    return path
 
 
 def resolve_dirpath(trainer: pl.Trainer, dirpath: str | None) -> str:
@@ -182,3 +236,22 @@ def apply_summary(cb: Any, summary: dict[str, Any] | None) -> None:
     if "kth_best_model_path" in summary:
         cb.kth_best_model_path = summary["kth_best_model_path"]
         cb.kth_value = tensor(summary["kth_value"])
+
+
+def restore_attributes(cb: Any, state_dict: Mapping[str, Any]) -> None:
+    """Set ``cb``'s attributes from its saved ``state_dict``, as Lightning does: all of them
+    when it was saved for the same ``dirpath``, else only ``best_model_path`` (with a warning)."""
+    if state_dict.get("dirpath", cb.dirpath) == cb.dirpath:
+        cb.best_model_score = state_dict["best_model_score"]
+        cb.kth_best_model_path = state_dict.get("kth_best_model_path", cb.kth_best_model_path)
+        cb.kth_value = state_dict.get("kth_value", cb.kth_value)
+        cb.best_k_models = dict(state_dict.get("best_k_models", cb.best_k_models))
+        cb.last_model_path = state_dict.get("last_model_path", cb.last_model_path)
+        cb.current_score = state_dict.get("current_score", cb.current_score)
+    else:
+        log.warning(
+            "dirpath changed from %r to %r: only best_model_path is restored",
+            state_dict.get("dirpath"),
+            cb.dirpath,
+        )
+    cb.best_model_path = state_dict["best_model_path"]

@@ -39,9 +39,12 @@ from . import _keras_files as files
 from ._keras_backup import BackupAndRestore
 from ._keras_common import (
     BatchCounter,
+    check_mode,
     check_save_freq,
+    check_weights_path,
     direction_from_model,
     print_msg,
+    print_save,
     scalar_logs,
     split_managed,
 )
@@ -106,11 +109,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("auto", "min", "max"):
-            warnings.warn(
-                f"ModelCheckpoint mode '{mode}' is unknown, fallback to auto mode.", stacklevel=2
-            )
-            mode = "auto"
+        mode = check_mode(mode)
         self.filepath = os.fspath(filepath)
         self.monitor = monitor
         self.verbose = verbose
@@ -132,15 +131,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._ranked = self.save_best_only or bool(keep_best)
         self._monitor = self._resolve_monitor(None)
         self._keras_file = files.is_keras_file(self.filepath)
-        if (
-            self._keras_file
-            and self.save_weights_only
-            and not self.filepath.endswith(".weights.h5")
-        ):
-            raise ConfigurationError(
-                "When using `save_weights_only=True` in `ModelCheckpoint`, the filepath provided "
-                f"must end in `.weights.h5` (Keras weights format). Received: filepath={self.filepath}"
-            )
+        check_weights_path(self.filepath, self._keras_file, self.save_weights_only)
         if not self._keras_file:
             self._directory, self._filename = split_managed(self.filepath)
         self._counter = BatchCounter(self.save_freq) if self.save_freq != "epoch" else None
@@ -269,21 +260,13 @@ class ModelCheckpoint(keras.callbacks.Callback):
         is_best = False
         if self.save_best_only:
             assert self._monitor is not None
-            best_str = "None" if self.best is None else f"{self.best:.5f}"
             if value is None or not self._monitor.is_improvement(value, self.best):
-                if self.verbose > 0:
-                    print_msg(
-                        f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best_str}"
-                    )
+                print_save(self.verbose, epoch + 1, self.monitor, self.best, value, None, True)
                 return
-            if self.verbose > 0:
-                print_msg(
-                    f"\nEpoch {epoch + 1}: {self.monitor} improved from {best_str} to "
-                    f"{value:.5f}, saving model to {filepath}"
-                )
             is_best = True
-        elif self.verbose > 0:
-            print_msg(f"\nEpoch {epoch + 1}: saving model to {filepath}")
+        print_save(
+            self.verbose, epoch + 1, self.monitor, self.best, value, filepath, self.save_best_only
+        )
         staged = files.stage_model_file(
             self.model,
             filepath,
@@ -336,17 +319,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
             and (self.save_best_only or self._monitor.better(value, previous))
         ):  # type: ignore[union-attr]
             self.best = value
-        if self.verbose > 0:
-            best_str = "None" if previous is None else f"{previous:.5f}"
-            if info is None:
-                print_msg(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best_str}")
-            elif self.save_best_only:
-                print_msg(
-                    f"\nEpoch {epoch + 1}: {self.monitor} improved from {best_str} to "
-                    f"{value:.5f}, saving model to {info.url}"
-                )
-            else:
-                print_msg(f"\nEpoch {epoch + 1}: saving model to {info.url}")
+        url = None if info is None else info.url
+        print_save(self.verbose, epoch + 1, self.monitor, previous, value, url, self.save_best_only)
 
     def _state(self, epoch: int, step: int) -> dict[str, Any]:
         state = to_state(self.model, include_optimizer=not self.save_weights_only)

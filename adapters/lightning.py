@@ -41,19 +41,24 @@ import checkpointer
 from checkpointer import CheckpointManager
 from checkpointer.distributed import SingleProcess
 from checkpointer.monitor import Monitor
-from checkpointer.naming import format_name, template_fields
+from checkpointer.naming import template_fields
 from checkpointer.paths import join_url
 from checkpointer.schedule import Schedule
 
 from ._torch_lightning_io import SafeCheckpointIO, decode_checkpoint, encode_checkpoint
 from ._torch_lightning_util import (
     Once,
+    absolute_dirpath,
     apply_summary,
     check_options,
     find_last,
+    last_name,
     lightning_template,
     ranked,
     resolve_dirpath,
+    restore_attributes,
+    scalar_metrics,
+    step_schedule,
     summarize,
 )
 from .torch import load, load_state, rng_state, save, set_rng_state, to_state
@@ -128,19 +133,13 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         self._every_n_epochs = every_n_epochs or 0
         self._train_time_interval = train_time_interval
         self._save_on_train_epoch_end = save_on_train_epoch_end
-        self._dirpath_arg = None if dirpath is None else os.fspath(dirpath)
-        if self._dirpath_arg and "://" not in self._dirpath_arg:
-            self._dirpath_arg = os.path.realpath(os.path.expanduser(self._dirpath_arg))
+        self._dirpath_arg = absolute_dirpath(dirpath)
         self.dirpath: str | None = self._dirpath_arg
         self._template = lightning_template(filename, auto_insert_metric_name)
         template_fields(self._template)  # a bad template fails here, not at the first save
         self._monitor = None if monitor is None else Monitor.create(monitor, mode)
         self._epochs = Schedule(self._every_n_epochs or None, None, None)
-        self._steps = Schedule(
-            None,
-            self._every_n_train_steps or None,
-            None if train_time_interval is None else max(train_time_interval.total_seconds(), 1e-9),
-        )
+        self._steps = step_schedule(self._every_n_train_steps, train_time_interval)
         self._async_save, self._storage_options = async_save, storage_options
         self._clock, self._restore_rng = clock, restore_rng
         self._mgr: CheckpointManager | None = None
@@ -261,12 +260,7 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             self._save_point(trainer)
 
     def _save_point(self, trainer: pl.Trainer, top_k: bool = True) -> None:
-        candidates = self._monitor_candidates(trainer)
-        metrics = {
-            k: float(v)
-            for k, v in candidates.items()
-            if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
-        }
+        metrics = scalar_metrics(self._monitor_candidates(trainer))
         # As Lightning, a metric the filename names but nobody logged formats as 0.
         named = {**{f: 0.0 for f in template_fields(self._template)}, **metrics}
         state = Once(
@@ -313,16 +307,8 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         return True
 
     def _save_last(self, metrics: dict[str, float], state: Once) -> None:
-        name = (
-            format_name(
-                self.CHECKPOINT_NAME_LAST,
-                epoch=int(metrics.get("epoch", 0)),
-                step=int(metrics.get("step", 0)),
-                metrics=metrics,
-            )
-            + self.FILE_EXTENSION
-        )
         assert self.dirpath is not None
+        name = last_name(self.CHECKPOINT_NAME_LAST, self.FILE_EXTENSION, metrics)
         url = join_url(self.dirpath, name)
         checkpointer.save(
             url,
@@ -373,21 +359,6 @@ class ModelCheckpoint(_LightningModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the attributes (as Lightning does); storage is re-read at fit start."""
-        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
-            self.best_model_score = state_dict["best_model_score"]
-            self.kth_best_model_path = state_dict.get(
-                "kth_best_model_path", self.kth_best_model_path
-            )
-            self.kth_value = state_dict.get("kth_value", self.kth_value)
-            self.best_k_models = dict(state_dict.get("best_k_models", self.best_k_models))
-            self.last_model_path = state_dict.get("last_model_path", self.last_model_path)
-            self.current_score = state_dict.get("current_score", self.current_score)
-        else:
-            log.warning(
-                "dirpath changed from %r to %r: only best_model_path is restored",
-                state_dict.get("dirpath"),
-                self.dirpath,
-            )
-        self.best_model_path = state_dict["best_model_path"]
+        restore_attributes(self, state_dict)
         if self._restore_rng and state_dict.get("rng") is not None:
             self._pending_rng = state_dict["rng"]
