@@ -89,10 +89,10 @@ def run(
     background: list[float] = []
     real = commit_mod.write_checkpoint
 
-    def timed_write(*args: Any, **kwargs: Any) -> int:
+    def timed_write(*args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
         try:
-            return int(real(*args, **kwargs))
+            return real(*args, **kwargs)
         finally:
             background.append(time.perf_counter() - t)
 

@@ -7,7 +7,6 @@ the body is decoded, and msgpack extension types are refused.
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import Any
 
@@ -16,7 +15,7 @@ import msgpack
 from .checksum import crc32c
 from .errors import ChecksumMismatchError, ManifestError, TrailingDataError, TruncatedFileError
 
-__all__ = ["encode_framed", "decode_framed", "FRAME_BYTES", "MAX_BODY_BYTES"]
+__all__ = ["encode_framed", "decode_framed", "refuse_timestamps", "FRAME_BYTES", "MAX_BODY_BYTES"]
 
 _FRAME = struct.Struct("<8sIQ")  # magic, crc32c of body, body length
 FRAME_BYTES = _FRAME.size
@@ -56,15 +55,18 @@ def decode_framed(data: bytes, magic: bytes, where: str, cap: int = MAX_BODY_BYT
         raise ManifestError(f"{where}: {exc}") from None
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise ManifestError(f"{where}: undecodable msgpack ({exc})") from None
-    if _TIMESTAMP.search(body) and _holds_timestamp(obj):
-        raise ManifestError(f"{where}: msgpack extension type -1 (timestamp) is not allowed")
     return obj
 
 
-# msgpack decodes its timestamp extension (type -1) itself, without calling ext_hook; its
-# three encodings start with these bytes. Only a body holding one of them (rare: it may be
-# inside a str or bin value) is walked to tell.
-_TIMESTAMP = re.compile(b"\xd6\xff|\xd7\xff|\xc7\x0c\xff", re.DOTALL)
+def refuse_timestamps(obj: Any, where: str) -> None:
+    """Refuse msgpack's timestamp extension (type -1) anywhere in ``obj``: msgpack decodes it
+    itself, without calling the ``ext_hook`` that refuses every other extension.
+
+    Call it on the free-form parts of a document (fields whose types nothing else checks);
+    typed parts refuse a timestamp anyway, as a value of the wrong type.
+    """
+    if _holds_timestamp(obj):
+        raise ManifestError(f"{where}: msgpack extension type -1 (timestamp) is not allowed")
 
 
 def _holds_timestamp(obj: Any) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointError, CheckpointNotFoundError
-from .frame import decode_framed, encode_framed
+from .frame import decode_framed, encode_framed, refuse_timestamps
 from .info import CheckpointInfo
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .owners import new_owner, release_owner
@@ -131,6 +131,7 @@ def _read_index(store: Store, listing: set[str]) -> dict[str, Entry]:
         return {}
     try:
         data = decode_framed(store.read_bytes(INDEX_NAME), INDEX_MAGIC, store.url_of(INDEX_NAME))
+        refuse_timestamps(data, store.url_of(INDEX_NAME))  # one small row per checkpoint
         rows = data["checkpoints"] if isinstance(data, dict) else []
         entries = [e for e in (decode_entry(store, r) for r in rows) if e is not None]
     except (CheckpointError, KeyError, TypeError) as exc:

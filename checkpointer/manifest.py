@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .dtypes import safetensors_to_numpy
+from .dtypes import SAFETENSORS_TO_NUMPY, safetensors_to_numpy
 from .errors import (
     CheckpointNotFoundError,
     DuplicateKeyError,
@@ -35,7 +35,7 @@ from .errors import (
     UnsafePathError,
     UnsupportedDtypeError,
 )
-from .frame import FRAME_BYTES, decode_framed, encode_framed
+from .frame import FRAME_BYTES, decode_framed, encode_framed, refuse_timestamps
 from .storage import Store
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "MANIFEST_MAGIC", "MAX_MANIFEST_BYTES", "MAX_NDIM",
@@ -217,6 +217,7 @@ def parse(m: Any, where: str) -> Manifest:
         block_bytes, tensors = _with_blocks(m.get("block_bytes"), m.get("blocks"), tensors, where)
     shards = _shard_rows(m["shards"], tensors, where) if "shards" in m else ()
     fields = {k: v for k, v in m.items() if k not in _OWN_KEYS}
+    refuse_timestamps(fields, where)  # the free-form part: the rows and the tree are typed
     return Manifest(m["tree"], files, tensors, shards, block_bytes, fields)
 
 
@@ -244,6 +245,8 @@ def _ints(xs: Any, low: int = -_LIMIT) -> bool:
 
 def _tensor_rows(rows: list[Any], sizes: dict[str, int], where: str) -> tuple[TensorRow, ...]:
     out: dict[str, TensorRow] = {}
+    itemsize = {code: dt.itemsize for code, dt in SAFETENSORS_TO_NUMPY.items()}
+    make = TensorRow.__new__  # a hot loop: thousands of rows per manifest
     for t in rows:
         if not (type(t) is list and len(t) == 7 and type(t[0]) is str and type(t[1]) is str and t[1] in sizes
                 and type(t[2]) is str and _ints(t[3], 0) and type(t[4]) is int
@@ -252,14 +255,15 @@ def _tensor_rows(rows: list[Any], sizes: dict[str, int], where: str) -> tuple[Te
         key, file, code, shape, begin, end, crc = t
         if key in out:
             raise DuplicateKeyError(f"{where}: tensor {key!r:.80} listed twice")
-        dtype = safetensors_to_numpy(code)
-        if dtype is None:
+        size = itemsize.get(code)
+        if size is None:
             raise UnsupportedDtypeError(f"{where}: tensor {key!r:.80} has dtype {code!r:.20}")
-        if len(shape) > MAX_NDIM or math.prod(d for d in shape if d) * dtype.itemsize >= _LIMIT:
+        nbytes = math.prod(shape) * size
+        if len(shape) > MAX_NDIM or (not nbytes and math.prod(d for d in shape if d) * size >= _LIMIT):
             raise ManifestError(f"{where}: tensor {key!r:.80} has an invalid shape")
-        if not 8 <= begin <= end or math.prod(shape) * dtype.itemsize != end - begin:
+        if not 8 <= begin <= end or nbytes != end - begin:
             raise InvalidOffsetsError(f"{where}: tensor {key!r:.80} has an invalid byte range")
-        out[key] = TensorRow(key, file, code, tuple(shape), begin, end, crc)
+        out[key] = make(TensorRow, key, file, code, tuple(shape), begin, end, crc, ())
     return tuple(out.values())
 
 

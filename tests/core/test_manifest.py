@@ -114,8 +114,11 @@ def test_tiling_check_is_not_quadratic() -> None:
 
 @pytest.mark.parametrize("ts", [msgpack.Timestamp(1, 0), msgpack.Timestamp(2**33, 5), msgpack.Timestamp(-1, 0)])
 def test_timestamp_extension_is_refused(ts: msgpack.Timestamp) -> None:
+    body = decode_framed((FIXTURES / "plain" / MANIFEST_NAME).read_bytes(), MANIFEST_MAGIC, "t")
+    body["metadata"] = ["d", [["when", ["s", "x"]], ["t", [ts]]]]
+    blob = encode_framed(MANIFEST_MAGIC, body)  # msgpack decodes ext -1 itself, past ext_hook
     with pytest.raises(errors.ManifestError, match="timestamp"):
-        decode_framed(encode_framed(MANIFEST_MAGIC, {"a": [{"t": ts}]}), MANIFEST_MAGIC, "t")
+        parse(decode_framed(blob, MANIFEST_MAGIC, "t"), "t")
 
 
 def test_timestamp_bytes_inside_a_value_are_not_a_timestamp() -> None:
