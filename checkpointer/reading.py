@@ -37,7 +37,8 @@ from .format import HeaderEntry, raw_bytes, read_header
 from .manifest import FileRow, TensorRow
 from .storage import Store
 
-__all__ = ["open_checked", "open_data", "entry_of", "read_tensors", "read_rows", "verify_file"]
+__all__ = ["open_checked", "open_data", "entry_of", "read_tensors", "read_rows", "verify_file",
+           "check_block_sum"]
 
 _OWN = 4 << 20
 _PIPELINE = 16 << 20
@@ -305,6 +306,11 @@ def _check_tensor(row: TensorRow, chain: Future[int] | None, blocks: list[Future
         if got.result() != want:
             raise ChecksumMismatchError(f"{where}: tensor {row.key!r:.80} fails the crc32c "
                                         f"checksum of its block {i}")
+    check_block_sum(row, block_bytes, where)
+
+
+def check_block_sum(row: TensorRow, block_bytes: int, where: str) -> None:
+    """A piece's block checksums must combine into its own checksum (no data needed)."""
     if crc_of_blocks(row.blocks, block_bytes, row.nbytes) != row.crc32c:
         raise ChecksumMismatchError(f"{where}: the block checksums of {row.key!r:.80} "
                                     "disagree with its checksum")
