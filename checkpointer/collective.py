@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .commit import Participants, write_rank_files
-from .distributed import Coordinator, failure, pack, raised_elsewhere, unpack
+from .distributed import Coordinator, failure, pack, raised_elsewhere, run_on_primary, unpack
 from .info import CheckpointInfo
 from .manifest import FileRow, Piece, TensorRow
-from .sharding import split_pieces
+from .sharding import ShardedArray, split_pieces
 from .storage import Store
+from .tree import flatten, resolve_state
 
-__all__ = ["primary_save", "follower_save", "agree", "RankPart", "RankedSave", "save_in_background"]
+__all__ = ["primary_save", "follower_save", "agree", "RankPart", "RankedSave", "save_in_background",
+           "rank_part", "on_every_rank"]
 
 log = logging.getLogger("checkpointer")
 
@@ -201,3 +203,25 @@ def save_in_background(save: RankedSave, main: Coordinator,
     if agreed is not None:
         raise agreed
     submit(save.run if save.coord.rank == 0 else save.run_reported_by_rank0)
+
+
+def rank_part(state: Any, rank: int,
+              stage: Callable[[list[tuple[str, Any]]], list[tuple[str, Any]]] | None) -> RankPart:
+    """This rank's part of a save of several ranks; an error is kept, not raised, so that
+    the rank still takes part and the save fails on every rank instead of hanging."""
+    try:
+        skeleton, arrays = flatten(resolve_state(state))
+        if stage is not None:  # followers write their pieces only: stage just those
+            arrays = stage(arrays if rank == 0 else
+                           [(k, v) for k, v in arrays if isinstance(v, ShardedArray)])
+    except Exception as exc:
+        return RankPart(None, [], exc)
+    return RankPart(skeleton, arrays)
+
+
+def on_every_rank(coord: Coordinator, fn: Callable[[], None]) -> None:
+    """``fn`` (the writer's ``wait`` or ``close``) on every rank, and rank 0's outcome on
+    every rank: a follower's own errors are rank 0's to report."""
+    if coord.rank != 0:
+        fn()
+    run_on_primary(coord, fn, lambda _: None, lambda _: None)

@@ -24,8 +24,10 @@ import numpy as np
 
 from . import format as fmt
 from .errors import CheckpointError, StorageError
+from .frame import FRAME_BYTES
 from .gcpause import without_gc
 from .index import forget_index
+from .limits import HEADER_BUDGET, check_manifest_size, check_writable, header_bytes
 from .manifest import (
     MANIFEST_NAME,
     FileRow,
@@ -114,14 +116,18 @@ def _split_folder(store: Store, name: str) -> tuple[set[str], set[str]]:
 
 
 def _plan(arrays: Sequence[tuple[str, np.ndarray]], max_file_bytes: int) -> list[list[tuple[str, np.ndarray]]]:
+    """The data files: a new one when the bytes pass ``max_file_bytes`` or the header
+    would near the readers' cap."""
     groups: list[list[tuple[str, np.ndarray]]] = [[]]
-    size = 0
+    size = head = 0
     for key, arr in arrays:
-        if groups[-1] and size + arr.nbytes > max_file_bytes:
+        entry = header_bytes(key, arr.shape)
+        if groups[-1] and (size + arr.nbytes > max_file_bytes or head + entry > HEADER_BUDGET):
             groups.append([])
-            size = 0
+            size = head = 0
         groups[-1].append((key, arr))
         size += arr.nbytes
+        head += entry
     return groups
 
 
@@ -147,8 +153,9 @@ def write_checkpoint(
     manifest is written only after every rank's files are durable. On any error nothing
     becomes visible under ``name`` and an earlier checkpoint of that name is left intact.
     """
-    owner = new_owner()
     plain, pieces, meta = split_pieces(arrays, primary=True)
+    check_writable(store.url_of(name), skeleton, plain + pieces, meta, fields)
+    owner = new_owner()
     work = _Work(skeleton, plain + pieces, meta, fields, max_file_bytes, participants,
                  frozenset(k for k, _ in pieces))
     try:
@@ -215,6 +222,7 @@ def _write_files(store: Store, folder: str, prefix: str, work: _Work) -> tuple[C
         files, tensors, pieces = work.participants.collect(files, tensors, pieces)
     shards = merge_pieces(pieces, store.url_of(folder)) if pieces else ()
     blob = Manifest(work.skeleton, tuple(files), tuple(tensors), shards, fmt.BLOCK_BYTES, work.fields).encode()
+    check_manifest_size(store.url_of(folder), len(blob) - FRAME_BYTES)
     # One put: on object stores the manifest object is the commit point and must appear
     # whole or not at all (a streamed write may show a partial or empty object midway).
     store.put_bytes(f"{folder}/{MANIFEST_NAME}", blob)

@@ -8,6 +8,7 @@ folders with a manifest the index does not know are read and added.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .owners import new_owner, release_owner
 from .storage import Store
 
-__all__ = ["Entry", "INDEX_NAME", "load_entries", "write_index", "forget_index", "entry_from_manifest",
+__all__ = ["Entry", "settings_key", "INDEX_NAME", "load_entries", "write_index", "forget_index", "entry_from_manifest",
            "read_index_meta", "encode_entry", "decode_entry"]
 
 log = logging.getLogger("checkpointer")
@@ -30,12 +31,30 @@ INDEX_MAGIC = b"CKPTIDX1"
 
 @dataclass(frozen=True)
 class Entry:
-    """A committed checkpoint as the manager tracks it."""
+    """A committed checkpoint as the manager tracks it.
+
+    ``confirmed``: read from its manifest (or just written), not taken from the index's
+    word; only confirmed entries may be deleted. ``settings``: the writer's retention
+    settings (:func:`settings_key`; ``None`` when the manifest records none).
+    """
 
     info: CheckpointInfo
     seq: int
     managed: bool
     stamp: str = ""  # identity of the manifest file (see Store.stamp); "" when unknown
+    confirmed: bool = False
+    settings: str | None = None
+
+
+def settings_key(recorded: Any) -> str | None:
+    """A manifest's ``retention`` field as a comparable string: ``None`` when absent,
+    ``"?"`` (equal to no manager's) when it is not a flat map of plain values."""
+    if recorded is None:
+        return None
+    if not (isinstance(recorded, dict) and all(
+            isinstance(k, str) and (v is None or type(v) in (int, float, str)) for k, v in recorded.items())):
+        return "?"
+    return json.dumps(recorded, sort_keys=True)
 
 
 _SANE = 1 << 62  # steps, epochs and sequence numbers beyond this are hostile, not real
@@ -58,7 +77,8 @@ def entry_from_manifest(store: Store, name: str, m: Manifest, manifest_bytes: in
         metrics=metrics, time=float(t) if isinstance(t, (int, float)) and math.isfinite(t) else 0.0,
         nbytes=m.nbytes + manifest_bytes)
     seq = _num(m.get("seq"))
-    return Entry(info, seq if seq is not None else -1, bool(m.get("managed", False)), stamp)
+    return Entry(info, seq if seq is not None else -1, m.get("managed") is True, stamp, True,
+                 settings_key(m.get("retention")))
 
 
 def encode_entry(e: Entry) -> list[Any]:

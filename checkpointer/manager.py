@@ -26,14 +26,14 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from . import collective, commit
+from . import collective, commit, pruning
 from .async_save import AsyncWriter
 from .distributed import Coordinator, background_coordinator, detect_coordinator, run_on_primary
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, StorageError
-from .index import Entry, decode_entry, encode_entry, load_entries, write_index
+from .index import Entry, decode_entry, encode_entry, load_entries, settings_key, write_index
 from .info import Checkpoint, CheckpointInfo
 from .load import load_checkpoint
-from .monitor import optional_monitor
+from .monitor import Monitor, optional_monitor
 from .plan import (
     CheckpointWarning,
     Planner,
@@ -45,14 +45,14 @@ from .plan import (
 )
 from .retention import Retention, best_record
 from .schedule import Schedule
-from .sharding import ShardedArray
-from .storage import open_store
+from .storage import Store, open_store
 from .tree import flatten, resolve_state, specs_from_template
 from .version import LIBRARY
 
 __all__ = ["CheckpointManager", "CheckpointWarning"]
 
 log = logging.getLogger("checkpointer")
+_WALL_CLOCK = time.time
 
 
 class CheckpointManager:
@@ -75,8 +75,9 @@ class CheckpointManager:
         min_delta: float = 0.0, initial_value_threshold: float | None = None,
         save_best_only: bool = False, every_n_epochs: int | None = 1, every_n_steps: int | None = None,
         every_seconds: float | None = None, keep_last: int | None = None, keep_best: int | None = None,
-        filename: str | None = None, nan_policy: str = "worst", async_save: bool = False,
-        storage_options: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
+        keep_every_n_steps: int | None = None, keep_every_n_epochs: int | None = None,
+        keep_every_seconds: float | None = None, filename: str | None = None, nan_policy: str = "worst", async_save: bool = False,
+        storage_options: dict[str, Any] | None = None, clock: Callable[[], float] = _WALL_CLOCK,
         filesystem: Any = None, max_file_bytes: int = commit.DEFAULT_MAX_FILE_BYTES,
         coordinator: Coordinator | None = None,
     ) -> None:
@@ -85,15 +86,18 @@ class CheckpointManager:
             if flag and self._monitor is None:
                 raise ConfigurationError(f"{what} needs a monitor (a metric name to rank by)")
         self._schedule = Schedule(every_n_epochs, every_n_steps, every_seconds)
-        self._retention = Retention(keep_last, keep_best)
+        self._retention = Retention(keep_last, keep_best, keep_every_n_steps, keep_every_n_epochs,
+                                    keep_every_seconds)
+        self._settings = pruning.recorded_settings(self._monitor, self._retention)
         self._planner = Planner(self._monitor, filename, bool(save_best_only), clock)
         if not isinstance(max_file_bytes, int) or max_file_bytes < 1:
             raise ConfigurationError(f"max_file_bytes must be a positive int, got {max_file_bytes!r}")
         self._clock, self._max_file_bytes = clock, max_file_bytes
+        # the every_seconds timer: this process's monotonic clock (an injected clock, if any)
+        self._tick = time.monotonic if clock is _WALL_CLOCK else clock
         self._store = open_store(directory, storage_options, filesystem)
         self._protected: set[str] = set()
-        self._started = clock()
-        self._last_started = self._started
+        self._last_started = self._tick()  # the timer counts from the run's start
         self._async: AsyncWriter[SavePlan] | None = AsyncWriter() if async_save else None
         self._async_seq = -1  # the last background save's, kept after it ends (see _next_seq)
         self._coord = coordinator if coordinator is not None else detect_coordinator()
@@ -106,6 +110,8 @@ class CheckpointManager:
         self._entries: list[Scored] = []  # committed, oldest first; replaced, never mutated
         self._entries = run_on_primary(self._coord, self._open_directory, _encode_scored,
                                        self._decode_entries)
+        if every_seconds is not None:
+            _warn_if_dated_ahead(self._entries, clock())
 
     def _open_directory(self) -> list[Scored]:
         listing = self._store.list_files()
@@ -120,12 +126,10 @@ class CheckpointManager:
         return self._entries
 
     def _decode_entries(self, rows: Any) -> list[Scored]:
-        """Rank 0's entries (:func:`_encode_scored`) on another rank."""
-        ok = [r for r in rows if isinstance(r, list) and len(r) == 2 and (r[1] is None or type(r[1]) is float)]
-        return [Scored(e, r[1]) for r in ok if (e := decode_entry(self._store, r[0])) is not None]
+        return _decode_scored(self._store, rows)
 
     def _adopt_rows(self, rows: Any) -> None:
-        self._entries = self._decode_entries(rows)
+        self._entries = _decode_scored(self._store, rows)
 
     # -- public properties -------------------------------------------------------------
 
@@ -182,7 +186,8 @@ class CheckpointManager:
         """The schedule (``None``: an explicit save, forced), then the planner."""
         if self._async is not None:
             self._async.raise_error()
-        reason = "an explicit save" if schedule is None else schedule(self._since(), self._clock())
+        now = self._tick()
+        reason = "an explicit save" if schedule is None else schedule(self._last_started, now)
         if reason is None:
             log.debug("%s: not a save point", where)
             return None
@@ -205,7 +210,7 @@ class CheckpointManager:
     def _execute(self, plan: SavePlan, state: Any) -> CheckpointInfo:
         """Write now, or snapshot and write in the background (the info returned then has
         ``nbytes=0``; ``latest`` carries the size once it has committed)."""
-        self._last_started = plan.time
+        self._last_started = self._tick()
         skeleton, arrays = flatten(resolve_state(state))
         if self._async is None:
             return self._write_and_commit(plan, skeleton, arrays)
@@ -216,10 +221,10 @@ class CheckpointManager:
     def _execute_with_ranks(self, plan: SavePlan, state: Any) -> CheckpointInfo | None:
         """Every rank writes its part of ``plan`` (see :mod:`checkpointer.collective`): now,
         or (with a background coordinator) from each rank's writer thread."""
-        self._last_started = plan.time
+        self._last_started = self._tick()
         writer = self._async if self._bg is not None else None
         coord = self._bg or self._coord
-        part = _rank_part(state, coord.rank, None if writer is None else writer.stage)
+        part = collective.rank_part(state, coord.rank, None if writer is None else writer.stage)
         save = collective.RankedSave(coord, part, self._store, self._max_file_bytes,
                                      partial(self._write_and_commit, plan),
                                      lambda: _encode_scored(self._entries), self._adopt_rows)
@@ -240,7 +245,7 @@ class CheckpointManager:
         name = plan.name
         fields = {"step": plan.step, "epoch": plan.epoch, "metrics": dict(plan.metrics),
                   "time": plan.time, "managed": True, "seq": plan.seq, "library": LIBRARY,
-                  "metadata": None}
+                  "metadata": None, "retention": self._settings}
         try:
             nbytes, stamp = commit.write_checkpoint(self._store, name, skeleton, arrays, fields,
                                                     max_file_bytes=self._max_file_bytes,
@@ -251,7 +256,7 @@ class CheckpointManager:
         except OSError as exc:
             raise StorageError(f"save of {self._store.url_of(name)} failed: {exc}") from exc
         info = plan.info(self._store.url_of(plan.name), nbytes)
-        entry = Scored(Entry(info, plan.seq, True, stamp), plan.score)  # stamp "": re-checked on reopen
+        entry = Scored(Entry(info, plan.seq, True, stamp, True, settings_key(self._settings)), plan.score)
         self._entries = [s for s in self._entries if s.info.name != name] + [entry]
         log.info("saved %s (%d bytes)", info.url, nbytes)
         self._apply_retention()
@@ -259,24 +264,22 @@ class CheckpointManager:
         return info
 
     def _apply_retention(self) -> None:
-        records = [s.record for s in self._entries]
-        for name in self._retention.to_delete(records, self._monitor, self._protected):
-            try:
-                commit.remove_checkpoint(self._store, name)
-            except CheckpointError as exc:
-                log.warning("could not delete %s: %s", self._store.url_of(name), exc)
-                continue
-            self._entries = [s for s in self._entries if s.info.name != name]
-            log.info("deleted %s (outside keep_last=%s / keep_best=%s)", self._store.url_of(name),
-                     self._retention.keep_last, self._retention.keep_best)
+        self._entries = pruning.prune(self._store, self._retention, self._monitor, self._entries,
+                                      self._protected, self._settings, self._planner.scored)
+
+    def explain_retention(self) -> list[tuple[CheckpointInfo, bool, list[str]]]:
+        """For every checkpoint, oldest first: whether retention keeps it and every reason
+        ("latest", "best", "last 2", "top 3 by val_loss", "step multiple of 1000",
+        "restored from", "not written by this engine", ...). Rows the index gave are first
+        confirmed by their manifests, as before any deletion."""
+        self.wait()
+        self._entries = pruning.confirm(self._store, self._entries, self._planner.scored)
+        why = pruning.explain(self._retention, self._monitor, self._entries, self._protected,
+                              self._settings)
+        return [(s.info, bool(why[s.info.name]), why[s.info.name]) for s in self._entries]
 
     def _write_index_quietly(self) -> None:
-        try:
-            config = {} if self._monitor is None else {
-                "monitor": self._monitor.metric, "mode": self._monitor.mode}
-            write_index(self._store, [s.entry for s in self._entries], config)
-        except CheckpointError as exc:  # the index is a cache; the manifests are the truth
-            log.warning("could not write the index: %s", exc)
+        _write_index(self._store, self._entries, self._monitor)
 
     # -- restore ----------------------------------------------------------------------
 
@@ -330,21 +333,17 @@ class CheckpointManager:
         rec = best_record(records, self._monitor)
         return rec.score if rec else None
 
-    def _since(self) -> float:
-        """When the last save started (an in-flight one included), or the run started."""
-        return max([self._started, self._last_started] + [e.info.time for e in self._entries])
-
     def wait(self) -> None:
         """Block until an in-flight asynchronous save has committed; raise its error."""
         if self._async is not None:
-            _on_every_rank(self._coord, self._async.wait)
+            collective.on_every_rank(self._coord, self._async.wait)
 
     def close(self) -> None:
         """Wait for any in-flight save, then release resources (with several processes, the
         writer threads' coordinator too: a later save makes a new one). With several
         processes, call it before the process group is destroyed."""
         if self._async is not None:
-            _on_every_rank(self._coord, self._async.close)
+            collective.on_every_rank(self._coord, self._async.close)
         if self._bg is not None:  # every rank's writer is done with it: release it
             bg, self._bg, self._bg_released = self._bg, None, True
             getattr(bg, "close", lambda: None)()
@@ -356,29 +355,34 @@ class CheckpointManager:
         self.close()
 
 
+def _decode_scored(store: Store, rows: Any) -> list[Scored]:
+    """Rank 0's entries (:func:`_encode_scored`) on another rank."""
+    ok = [r for r in rows if isinstance(r, list) and len(r) == 2 and (r[1] is None or type(r[1]) is float)]
+    return [Scored(e, r[1]) for r in ok if (e := decode_entry(store, r[0])) is not None]
+
+
+def _write_index(store: Store, entries: list[Scored], monitor: Monitor | None) -> None:
+    try:
+        config = {} if monitor is None else {"monitor": monitor.metric, "mode": monitor.mode}
+        write_index(store, [s.entry for s in entries], config)
+    except CheckpointError as exc:  # the index is a cache; the manifests are the truth
+        log.warning("could not write the index: %s", exc)
+
+
 def _encode_scored(entries: list[Scored]) -> Any:
     """Rank 0's entries with rank 0's scores, for the other ranks: they never score."""
     return [[encode_entry(s.entry), s.score] for s in entries]
 
 
-def _rank_part(state: Any, rank: int,
-               stage: Callable[[list[tuple[str, Any]]], list[tuple[str, Any]]] | None
-               ) -> collective.RankPart:
-    """This rank's part of a save of several ranks; an error is kept, not raised, so that
-    the rank still takes part and the save fails on every rank instead of hanging."""
-    try:
-        skeleton, arrays = flatten(resolve_state(state))
-        if stage is not None:  # followers write their pieces only: stage just those
-            arrays = stage(arrays if rank == 0 else
-                           [(k, v) for k, v in arrays if isinstance(v, ShardedArray)])
-    except Exception as exc:
-        return collective.RankPart(None, [], exc)
-    return collective.RankPart(skeleton, arrays)
 
-
-def _on_every_rank(coord: Coordinator, fn: Callable[[], None]) -> None:
-    """``fn`` (the writer's ``wait`` or ``close``) on every rank, and rank 0's outcome on
-    every rank: a follower's own errors are rank 0's to report."""
-    if coord.rank != 0:
-        fn()
-    run_on_primary(coord, fn, lambda _: None, lambda _: None)
+def _warn_if_dated_ahead(entries: list[Scored], now: float) -> None:
+    """Say when a checkpoint is dated in the future (clock skew between writers): the
+    every_seconds timer runs on this process's own clock, so it does not stall on it."""
+    ahead = [s for s in entries if s.info.time > now + 1.0]
+    if ahead:
+        newest = max(ahead, key=lambda s: s.info.time)
+        msg = (f"{len(ahead)} checkpoint(s) are dated in the future ({newest.info.name} by "
+               f"{newest.info.time - now:.0f} s): clock skew between writers? The every_seconds "
+               "timer counts on this process's own clock from now")
+        log.warning(msg)
+        warnings.warn(msg, CheckpointWarning, stacklevel=3)

@@ -38,7 +38,7 @@ from .errors import (
 from .frame import FRAME_BYTES, decode_framed, encode_framed, refuse_timestamps
 from .storage import Store
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "MANIFEST_MAGIC", "MAX_MANIFEST_BYTES", "MAX_NDIM",
+__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "MANIFEST_MAGIC", "MAX_MANIFEST_BYTES", "MAX_NDIM", "MAX_EXTENT",
            "FileRow", "TensorRow", "PieceRow", "ShardRow", "Piece", "Manifest", "parse",
            "read_manifest", "merge_pieces", "check_tiling", "check_file_name"]
 
@@ -48,7 +48,8 @@ MANIFEST_MAGIC = b"CKPTMAN1"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_NDIM = 64
 MAX_GRID_CELLS = 1 << 20
-_LIMIT = 1 << 62
+MAX_EXTENT = 1 << 62  # dimensions, offsets and byte sizes at or beyond it are hostile
+_LIMIT = MAX_EXTENT
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}")
 
 

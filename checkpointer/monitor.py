@@ -216,4 +216,8 @@ def to_float(name: str, value: Any) -> float:
             raise MetricError(f"metric {name!r} is not a scalar: {exc}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MetricError(f"metric {name!r} is {type(value).__name__}, not a number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise MetricError(f"metric {name!r} is an integer of {int(value).bit_length()} bits, too large "
+                          "for a float") from None

@@ -263,5 +263,12 @@ def _metric_value(name: Any, value: Any) -> MetricValue:
     if isinstance(value, str):
         return value
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        return int(value)
+        count = int(value)
+        if not _INT_MIN <= count <= _UINT_MAX:
+            raise MetricError(f"metric {name!r} is an integer of {count.bit_length()} bits, outside "
+                              "the 64-bit integers a manifest records; pass it as a float")
+        return count
     return to_float(name, value)
+
+
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1

@@ -2,7 +2,7 @@
 
 A hypothesis state machine drives a real :class:`CheckpointManager` (local disk and
 ``memory://``) next to a small model of what must be kept, and checks after every step:
-kept == last N ∪ best K ∪ {newest, best} ∪ restored-from ∪ not-ours; foreign files and
+kept == last N ∪ best K ∪ step milestones ∪ {newest, best} ∪ restored-from ∪ not-ours; foreign files and
 folders survive; every listed checkpoint loads and holds what was saved; deletions happen
 only once the new checkpoint has committed.
 """
@@ -99,6 +99,7 @@ class RetentionMachine(RuleBasedStateMachine):
             mode=self.mode,
             keep_last=self.keep_last,
             keep_best=self.keep_best,
+            keep_every_n_steps=self.keep_every,
         )
         store = self.mgr._store
         remove_tree = store.remove_tree
@@ -115,9 +116,11 @@ class RetentionMachine(RuleBasedStateMachine):
         keep_last=st.sampled_from([None, 0, 1, 2, 3]),
         keep_best=st.sampled_from([None, 0, 1, 2]),
         mode=st.sampled_from(["min", "max"]),
+        keep_every=st.sampled_from([None, None, 2, 3]),
     )
-    def start(self, keep_last: int | None, keep_best: int | None, mode: str) -> None:
+    def start(self, keep_last: int | None, keep_best: int | None, mode: str, keep_every: int | None) -> None:
         self.keep_last, self.keep_best, self.mode = keep_last, keep_best, mode
+        self.keep_every = keep_every
         self._open()
 
     # -- model ---------------------------------------------------------------------------
@@ -151,6 +154,8 @@ class RetentionMachine(RuleBasedStateMachine):
             keep |= {r.name for r in managed[-self.keep_last :]}
         if self.keep_best:
             keep |= {r.name for r in self._ranked(managed)[: self.keep_best]}
+        if self.keep_every:  # milestones: a step multiple of keep_every_n_steps
+            keep |= {r.name for r in managed if int(r.name.split("-")[1]) % self.keep_every == 0}
         self.records = {n: r for n, r in self.records.items() if n in keep}
 
     # -- rules ---------------------------------------------------------------------------
