@@ -1,175 +1,183 @@
-"""The ``checkpointer`` command: ``demo``, ``ls``, ``inspect``, ``verify``."""
+"""The ``checkpointer`` command: its arguments, and what every command's failure looks like.
+
+The commands live in ``cli_list`` (``ls``, ``inspect``, ``verify``), ``cli_diff`` (``diff``),
+``cli_export`` (``export``), ``cli_convert`` (``convert``) and ``cli_prune`` (``prune``).
+
+Exit codes: 0 done; 1 done, and the answer is "no" (``verify`` found damage, ``diff``
+found differences, ``ls`` or ``prune`` meet a broken checkpoint); 2 could not be done (a bad argument,
+a missing path, a checkpoint that does not read, a storage failure), with one line on
+stderr and no traceback; 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
+from .cli_common import S3_DEFAULTS, options_for, parse_option
+from .cli_convert import cmd_convert
+from .cli_diff import cmd_diff
+from .cli_export import cmd_export
+from .cli_list import cmd_inspect, cmd_ls, cmd_verify
+from .cli_prune import cmd_prune
 from .demo import run_demo
-from .errors import CheckpointError
-from .index import load_entries, read_index_meta
-from .load import verify_checkpoint
-from .manifest import MANIFEST_NAME, read_manifest
-from .monitor import Monitor
-from .retention import Record, best_record
-from .storage import Store, open_store, split_url
-from .tree import unflatten
+from .errors import CheckpointError, StorageError
 from .version import LIBRARY
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-
-
-def _fmt_metrics(metrics: Any) -> str:
-    if not isinstance(metrics, dict):  # a manifest written by someone else: show, do not crash
-        return repr(metrics)[:200]
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-
-
-def _monitor(args: argparse.Namespace, meta: dict[str, str]) -> Monitor | None:
-    """The monitor that marks "best": the command line's, else the index's when usable."""
-    metric = args.monitor or meta.get("monitor")
-    if not metric:
-        return None
-    try:
-        return Monitor.create(metric, args.mode or meta.get("mode") or "auto")
-    except CheckpointError as exc:
-        if args.monitor:
-            raise
-        print(f"checkpointer: warning: the index's monitor is unusable ({exc}); no best marked",
-              file=sys.stderr)
-        return None
-
-
-def _score(monitor: Monitor | None, metrics: dict[str, Any]) -> float | None:
-    try:
-        return monitor.extract(metrics) if monitor else None
-    except CheckpointError:  # a str or other non-number under the monitored name: unranked
-        return None
-
-
-def _is_checkpoint(url: str) -> tuple[Store, str] | None:
-    parent, name = split_url(url)
-    store = open_store(parent)
-    return (store, name) if store.exists(f"{name}/{MANIFEST_NAME}") else None
-
-
-def cmd_ls(args: argparse.Namespace) -> int:
-    store = open_store(args.url)
-    entries, _ = load_entries(store, store.list_files())
-    if not entries:
-        print(f"no checkpoints in {store.url}")
-        return 0
-    monitor = _monitor(args, read_index_meta(store))
-    records = [Record(e.info.name, e.seq, _score(monitor, e.info.metrics), e.managed) for e in entries]
-    best = best_record(records, monitor)
-    rows = [["NAME", "STEP", "EPOCH", "METRICS", "SIZE", ""]]
-    for e in entries:
-        marks = [m for m, on in (("latest", e is entries[-1]), ("best", best and best.name == e.info.name)) if on]
-        rows.append([e.info.name, "-" if e.info.step is None else str(e.info.step),
-                     "-" if e.info.epoch is None else str(e.info.epoch), _fmt_metrics(e.info.metrics),
-                     _size(e.info.nbytes), ",".join(marks)])
-    print(_table(rows))
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    parent, name = split_url(args.checkpoint)
-    store = open_store(parent)
-    m = read_manifest(store, name)
-    print(f"checkpoint  {store.url_of(name)}")
-    for key in ("library", "step", "epoch", "time"):
-        print(f"{key:<11} {m.get(key)}")
-    print(f"metrics     {_fmt_metrics(m.get('metrics', {}))}")
-    if m.get("metadata") is not None:
-        print(f"metadata    {unflatten(m.get('metadata'), {})!r}")
-    print(f"files       {', '.join(f'{f.name} ({_size(f.nbytes)})' for f in m.files)}")
-    rows = [["KEY", "DTYPE", "SHAPE", "BYTES", "FILE"]]
-    rows += [[t.key, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(t.nbytes), t.file] for t in m.tensors]
-    print(_table(rows))
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    target = _is_checkpoint(args.url)
-    if target is not None:
-        stores = [target]
-    else:
-        store = open_store(args.url)
-        names = sorted({p.split("/", 1)[0] for p in store.list_files()
-                        if p.endswith("/" + MANIFEST_NAME) and not p.startswith(".")})
-        stores = [(store, n) for n in names]
-        if not names:
-            print(f"no checkpoints in {store.url}", file=sys.stderr)
-            return 1
-    failed = 0
-    for store, name in stores:
-        try:
-            verify_checkpoint(store, name)
-            print(f"ok      {store.url_of(name)}")
-        except CheckpointError as exc:
-            failed += 1
-            print(f"FAILED  {store.url_of(name)}: {exc}")
-    print(f"{len(stores) - failed} verified, {failed} failed")
-    return 1 if failed else 0
+_DESCRIPTION = """\
+List, inspect, verify, compare, export, convert and prune checkpoints written by
+checkpointer-engine (safetensors + msgpack manifest), locally or on any fsspec URL.
+"""
+_EPILOG = """\
+exit codes: 0 done; 1 done and the answer is no (verify found damage, diff found
+differences, ls or prune meet a broken checkpoint); 2 could not be done; 130 interrupted.
+URLs are local paths or any fsspec URL (s3://bucket/run, memory://x, ...).
+"""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The demo's two runs, then ``ls`` and ``verify`` of what they left."""
-    run_demo(args.directory, epochs=args.epochs, interrupt_at=args.interrupt_at)
+    run_demo(args.directory, epochs=args.epochs, interrupt_at=args.interrupt_at,
+             storage_options=options_for(args.storage_option, args.directory))
+    listing = argparse.Namespace(url=args.directory, monitor=None, mode=None, json=False,
+                                 storage_option=args.storage_option, progress=False)
     print(f"== checkpointer ls {args.directory}")
-    cmd_ls(argparse.Namespace(url=args.directory, monitor=None, mode=None))
+    cmd_ls(listing)
     print(f"== checkpointer verify {args.directory}")
-    return cmd_verify(argparse.Namespace(url=args.directory))
+    return cmd_verify(listing)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``checkpointer`` console script."""
-    p = argparse.ArgumentParser(prog="checkpointer", description=(
-        "List, inspect and verify checkpoints written by checkpointer-engine "
-        "(safetensors + msgpack manifest), locally or on any fsspec URL."))
-    p.add_argument("--version", action="version", version=LIBRARY)
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train a small numpy model, interrupt it, resume, list the checkpoints")
+def _common(json: bool = False, progress: bool = False) -> argparse.ArgumentParser:
+    """The options every command takes (``--storage-option``), and ``--json`` /
+    ``--no-progress`` where they apply."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-o", "--storage-option", metavar="KEY=VALUE", action="append", default=[],
+                   type=parse_option, help=(
+                       "an fsspec storage option for remote URLs (repeatable); dots nest, values "
+                       "are JSON when they parse: -o client_kwargs.endpoint_url=http://127.0.0.1:9000"))
+    if json:
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    if progress:
+        p.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bar (there is none anyway when stderr is not a terminal)")
+    return p
+
+
+_Add = Callable[..., argparse.ArgumentParser]
+_MONITOR_HELP = "metric that ranks 'best' (default: the manager's, from the index)"
+
+
+def _reading(add: _Add) -> None:
+    """The commands that only read: demo aside, ``ls``, ``inspect``, ``verify``, ``diff``."""
+    d = add("demo", "train a small numpy model, interrupt it, resume, list the checkpoints")
     d.add_argument("directory", nargs="?", default="demo-checkpoints")
     d.add_argument("--epochs", type=int, default=12)
     d.add_argument("--interrupt-at", type=int, default=5)
     d.set_defaults(fn=cmd_demo)
-    ls = sub.add_parser("ls", help="table of the checkpoints in a directory: name, step, epoch, metrics, size, latest/best")
+    ls = add("ls", "table of the checkpoints in a directory: name, step, epoch, metrics, size, "
+             "time, latest/best/broken", json=True)
     ls.add_argument("url")
-    ls.add_argument("--monitor", help="metric that ranks 'best' (default: the manager's, from the index)")
+    ls.add_argument("--monitor", help=_MONITOR_HELP)
     ls.add_argument("--mode", choices=["min", "max", "auto"])
     ls.set_defaults(fn=cmd_ls)
-    ins = sub.add_parser("inspect", help="tensors (key, dtype, shape, bytes) and metadata of one checkpoint")
+    ins = add("inspect", "arrays (key, dtype, shape, size), values and metadata of one checkpoint",
+              json=True)
     ins.add_argument("checkpoint")
     ins.set_defaults(fn=cmd_inspect)
-    ver = sub.add_parser("verify", help="check every checksum of one checkpoint or of a whole directory")
+    ver = add("verify", "check every checksum of one checkpoint or of a whole directory",
+              json=True, progress=True)
     ver.add_argument("url")
     ver.set_defaults(fn=cmd_verify)
-    args = p.parse_args(argv)
+    dif = add("diff", "arrays added, removed or changed between two checkpoints, and changed "
+              "values; exit 0 when equal, 1 when different", json=True, progress=True)
+    dif.add_argument("a")
+    dif.add_argument("b")
+    dif.add_argument("--atol", type=float, default=0.0,
+                     help="elements closer than this count as equal (default 0: exact)")
+    dif.set_defaults(fn=cmd_diff)
+
+
+def _writing(add: _Add) -> None:
+    """The commands that write or delete: ``export``, ``convert``, ``prune``."""
+    exp = add("export", "write a checkpoint's arrays as one standard .safetensors file",
+              progress=True)
+    exp.add_argument("checkpoint")
+    exp.add_argument("out", help="the .safetensors file to write (replaced if it exists)")
+    exp.add_argument("--prefix", help="only the arrays under this key, with the prefix stripped "
+                     "(e.g. --prefix model)")
+    exp.set_defaults(fn=cmd_export)
+    con = add("convert", "bring a .safetensors, .npz or PyTorch/Lightning .pt/.ckpt file in as a "
+              "checkpoint (no pickle: torch files only through torch's weights_only loader)")
+    con.add_argument("src")
+    con.add_argument("dst", help="the checkpoint to write, e.g. ckpts/imported")
+    con.add_argument("--overwrite", action="store_true", help="replace DST if it is a checkpoint")
+    con.add_argument("--from", dest="src_format", choices=["safetensors", "npz", "torch"],
+                     help="the format of SRC (default: from its name)")
+    con.set_defaults(fn=cmd_convert)
+    pr = add("prune", "delete checkpoints a retention policy does not keep (only the engine's "
+             "own); prints what is kept and why", json=True, progress=True)
+    pr.add_argument("url")
+    pr.add_argument("--keep-last", type=int, metavar="N")
+    pr.add_argument("--keep-best", type=int, metavar="K")
+    pr.add_argument("--monitor", help=_MONITOR_HELP)
+    pr.add_argument("--mode", choices=["min", "max", "auto"])
+    pr.add_argument("--keep-every-n-steps", type=int, metavar="N")
+    pr.add_argument("--keep-every-n-epochs", type=int, metavar="N")
+    pr.add_argument("--dry-run", action="store_true", help="show what would go; delete nothing")
+    pr.set_defaults(fn=cmd_prune)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``checkpointer`` command."""
+    p = argparse.ArgumentParser(prog="checkpointer", epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=_DESCRIPTION)
+    p.add_argument("--version", action="version", version=LIBRARY)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, **kw: bool) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              parents=[_common(**kw)])
+
+    _reading(add)
+    _writing(add)
+    return p
+
+
+def _error(exc: BaseException, args: argparse.Namespace) -> None:
+    print(f"checkpointer: error: {exc}", file=sys.stderr)
+    if "NoCredentialsError" in str(exc):
+        print("checkpointer: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or "
+              "pass -o key=... -o secret=...; -o anon=true for a public bucket", file=sys.stderr)
+    pairs = args.storage_option
+    if isinstance(exc, StorageError) and "Could not connect" in str(exc) and not any(
+            path[:2] == ("config_kwargs", "retries") for path, _ in pairs):
+        attempts = S3_DEFAULTS[("config_kwargs", "retries")]["total_max_attempts"]
+        print(f"checkpointer: gave up after {attempts} attempts; for a slow or flaky network pass "
+              "-o config_kwargs.retries.total_max_attempts=10", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``checkpointer`` console script; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     try:
         return int(args.fn(args))
-    except CheckpointError as exc:
-        print(f"checkpointer: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("checkpointer: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `checkpointer ls ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (CheckpointError, OSError) as exc:  # a user's mistake or the store's failure
+        _error(exc, args)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ConfigurationError
 from .manager import CheckpointManager
 
 __all__ = ["run_demo"]
@@ -65,12 +66,14 @@ def _train_epoch(state: dict[str, Any], rng: np.random.Generator, x: np.ndarray,
             p[k] -= (lr * mh / (np.sqrt(vh) + 1e-8)).astype(np.float32)
 
 
-def _run(directory: str, epochs: int, stop_after: int | None) -> CheckpointManager:
+def _run(directory: str, epochs: int, stop_after: int | None,
+         storage_options: dict[str, Any] | None) -> CheckpointManager:
     data_rng = np.random.default_rng(0)
     x, y = _spirals(data_rng, 2400)
     xt, yt, xv, yv = x[:2000], y[:2000], x[2000:], y[2000:]
     mgr = CheckpointManager(directory, monitor="val_loss", keep_best=2, keep_last=2,
-                            filename="epoch{epoch:02d}-val_loss{val_loss:.3f}")
+                            filename="epoch{epoch:02d}-val_loss{val_loss:.3f}",
+                            storage_options=storage_options)
     rng = np.random.default_rng(1)
     state, start = _init(rng), 1
     if mgr.latest is not None:
@@ -93,13 +96,32 @@ def _run(directory: str, epochs: int, stop_after: int | None) -> CheckpointManag
     return mgr
 
 
-def run_demo(directory: str, *, epochs: int = 12, interrupt_at: int = 5) -> None:
+def _refuse_used(directory: str, storage_options: dict[str, Any] | None) -> None:
+    """The demo resumes from what it finds: checkpoints already there (another run's, or an
+    earlier demo's) would be resumed as if they were its own."""
+    with CheckpointManager(directory, storage_options=storage_options) as mgr:
+        names = [i.name for i in mgr.checkpoints]
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ConfigurationError(
+            f"{directory} already holds {len(names)} checkpoint{'s' * (len(names) != 1)} ({shown}); "
+            "the demo needs a new or empty directory: pass another one, e.g. "
+            "`checkpointer demo demo-2`, or delete this one")
+
+
+def run_demo(directory: str, *, epochs: int = 12, interrupt_at: int = 5,
+             storage_options: dict[str, Any] | None = None) -> None:
     """Run the demo into ``directory`` (a path or fsspec URL): a first run cut short, a
-    second that resumes and finishes (``checkpointer demo`` then lists and verifies them)."""
+    second that resumes and finishes (``checkpointer demo`` then lists and verifies them).
+
+    Raises:
+        ConfigurationError: ``directory`` already holds checkpoints.
+    """
+    _refuse_used(directory, storage_options)
     print(f"== first run, checkpoints in {directory}")
-    _run(directory, epochs, interrupt_at)
+    _run(directory, epochs, interrupt_at, storage_options)
     print("== second run: same command, same directory")
-    mgr = _run(directory, epochs, None)
+    mgr = _run(directory, epochs, None, storage_options)
     best = mgr.restore("best")
     print(f"== best checkpoint {best.info.name}: val_loss {best.info.metrics['val_loss']:.4f}")
     print("   kept: the 2 best, the 2 latest, and the one the second run resumed from")
