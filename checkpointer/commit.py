@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -33,86 +32,21 @@ from .manifest import (
     FileRow,
     Manifest,
     Piece,
+    ShardRow,
     TensorRow,
     merge_pieces,
     read_manifest,
 )
-from .owners import OWNER_PATTERN, is_owner, new_owner, owner_is_dead, release_owner
+from .owners import is_owner, new_owner, owner_is_dead, release_owner
+from .removal import DATA_RE, OLD_PREFIX, TMP_PREFIX, remove_checkpoint
 from .sharding import split_pieces
 from .storage import Store
 
-__all__ = ["write_checkpoint", "write_rank_files", "remove_checkpoint", "cleanup", "Committed",
+__all__ = ["write_checkpoint", "commit_copy", "Produce", "write_rank_files", "remove_checkpoint", "cleanup", "Committed",
            "Participants", "TMP_PREFIX", "OLD_PREFIX", "DEFAULT_MAX_FILE_BYTES"]
 
 log = logging.getLogger("checkpointer")
-TMP_PREFIX = ".ckpt-tmp-"
-OLD_PREFIX = ".ckpt-old-"
 DEFAULT_MAX_FILE_BYTES = 4 << 30
-_DATA_RE = re.compile(
-    rf"^data-(?:(?P<owner>{OWNER_PATTERN})-)?(?:r\d{{5}}-)?\d{{5}}\.safetensors$")
-
-
-@contextlib.contextmanager
-def doomed(rel: str) -> Iterator[str]:
-    """A name to move folder ``rel`` to before deleting it, so that an interrupted delete
-    leaves a temporary folder that :func:`cleanup` removes, never a half-deleted checkpoint.
-
-    ``rel`` itself when it already is a leftover (a hidden or nested name).
-    """
-    if rel.startswith(".") or "/" in rel:
-        yield rel
-        return
-    owner = new_owner()
-    try:
-        yield f"{TMP_PREFIX}{rel}-{owner}"
-    finally:
-        release_owner(owner)
-
-
-def remove_checkpoint(store: Store, name: str) -> list[str]:
-    """Delete checkpoint (or leftover) folder ``name`` so that a crash midway never leaves a
-    manifest naming deleted data; returns the files left behind (not the engine's).
-
-    The files the manifest names are the engine's; anything else in the folder is a user's
-    and stays: then the manifest goes first (the folder stops being a checkpoint), then the
-    data files, and the folder is left with the user's files. A folder holding only the
-    engine's files is renamed aside first where rename is atomic (a crash leaves a
-    temporary folder that cleanup finishes), else emptied manifest first.
-    """
-    if name.startswith(".") or "/" in name:  # a leftover of the engine's own
-        store.remove_tree(name)
-        return []
-    ours, theirs = _split_folder(store, name)
-    if theirs:
-        for rel in [MANIFEST_NAME, *sorted(ours - {MANIFEST_NAME})]:
-            if rel in ours:
-                store.remove_file(f"{name}/{rel}")
-        log.warning("deleted checkpoint %s but left files the engine did not write: %s",
-                    store.url_of(name), ", ".join(sorted(theirs)))
-        return sorted(theirs)
-    with doomed(name) as gone:
-        if store.atomic_rename:
-            store.rename(name, gone)
-            try:
-                store.remove_tree(gone)
-            except CheckpointError as exc:  # the checkpoint is gone already; cleanup retries
-                log.warning("could not finish deleting %s: %s", store.url_of(gone), exc)
-            return []
-        if MANIFEST_NAME in ours:
-            store.remove_file(f"{name}/{MANIFEST_NAME}")
-        store.remove_tree(name)
-    return []
-
-
-def _split_folder(store: Store, name: str) -> tuple[set[str], set[str]]:
-    """The files of folder ``name``: the engine's (the manifest and what it names, or data
-    files by their name when the manifest is unreadable) and the others."""
-    files = set(store.list_folder(name))
-    try:
-        ours = {MANIFEST_NAME} | {f.name for f in read_manifest(store, name).files}
-    except CheckpointError:
-        ours = {MANIFEST_NAME} | {f for f in files if _DATA_RE.match(f)}
-    return files & ours, files - ours
 
 
 def _plan(arrays: Sequence[tuple[str, np.ndarray]], max_file_bytes: int) -> list[list[tuple[str, np.ndarray]]]:
@@ -155,9 +89,20 @@ def write_checkpoint(
     """
     plain, pieces, meta = split_pieces(arrays, primary=True)
     check_writable(store.url_of(name), skeleton, plain + pieces, meta, fields)
+    return _commit(store, name, _Work(skeleton, plain + pieces, meta, fields, max_file_bytes,
+                                      participants, frozenset(k for k, _ in pieces)))
+
+
+def commit_copy(store: Store, name: str, manifest: Manifest, produce: Produce) -> Committed:
+    """Commit checkpoint ``name`` whose data files ``produce(store, folder, prefix)`` writes
+    (copies of ``manifest``'s files, returning their rows), with ``manifest``'s tree, shards
+    and fields: the same protocol as :func:`write_checkpoint`."""
+    return _commit(store, name, _Work(manifest.tree, [], [], dict(manifest.fields), DEFAULT_MAX_FILE_BYTES,
+                                      None, frozenset(), produce, manifest.shards))
+
+
+def _commit(store: Store, name: str, work: _Work) -> Committed:
     owner = new_owner()
-    work = _Work(skeleton, plain + pieces, meta, fields, max_file_bytes, participants,
-                 frozenset(k for k, _ in pieces))
     try:
         write = _write_renaming if store.atomic_rename else _write_object_store
         return write(store, name, work, owner)
@@ -178,6 +123,9 @@ class Participants(Protocol):
                 ) -> tuple[list[FileRow], list[TensorRow], list[Piece]]: ...
 
 
+Produce = Callable[[Store, str, str], tuple[list[FileRow], list[TensorRow]]]
+
+
 @dataclass(frozen=True)
 class _Work:
     skeleton: Any
@@ -187,6 +135,8 @@ class _Work:
     max_file_bytes: int
     participants: Participants | None
     piece_keys: frozenset[str]
+    produce: Produce | None = None  # writes the data files instead of ``arrays`` (a copy)
+    shards: tuple[ShardRow, ...] | None = None  # a copy's, already merged
 
 
 def write_rank_files(store: Store, folder: str, prefix: str, arrays: Sequence[tuple[str, np.ndarray]],
@@ -215,12 +165,16 @@ def _write_files(store: Store, folder: str, prefix: str, work: _Work) -> tuple[C
     manifest: what was committed and the data files written."""
     if work.participants is not None:
         work.participants.staged(folder, prefix)
-    files, tensors = write_rank_files(store, folder, prefix, work.arrays, work.max_file_bytes,
-                                      pieces=work.piece_keys)
+    if work.produce is not None:
+        files, tensors = work.produce(store, folder, prefix)
+    else:
+        files, tensors = write_rank_files(store, folder, prefix, work.arrays, work.max_file_bytes,
+                                          pieces=work.piece_keys)
     pieces = work.pieces
     if work.participants is not None:
         files, tensors, pieces = work.participants.collect(files, tensors, pieces)
-    shards = merge_pieces(pieces, store.url_of(folder)) if pieces else ()
+    shards = work.shards if work.shards is not None else (
+        merge_pieces(pieces, store.url_of(folder)) if pieces else ())
     blob = Manifest(work.skeleton, tuple(files), tuple(tensors), shards, fmt.BLOCK_BYTES, work.fields).encode()
     check_manifest_size(store.url_of(folder), len(blob) - FRAME_BYTES)
     # One put: on object stores the manifest object is the commit point and must appear
@@ -275,7 +229,7 @@ def _write_object_store(store: Store, name: str, work: _Work, owner: str) -> Com
     listing = store.list_files()
     before = {p.split("/", 1)[1] for p in listing if p.startswith(name + "/") and "/" in p.rstrip("/")}
     written: list[str] = []
-    foreign = any(not _DATA_RE.match(b) for b in before) or name in listing  # a file of that name
+    foreign = any(not DATA_RE.match(b) for b in before) or name in listing  # a file of that name
     if MANIFEST_NAME not in before and foreign:
         raise StorageError(f"{store.url_of(name)} exists and is not a checkpoint: not writing into it")
     prior: set[str] = set()  # the data the replaced manifest names: ours to delete after
@@ -294,7 +248,7 @@ def _write_object_store(store: Store, name: str, work: _Work, owner: str) -> Com
     for old in before - set(written) - {MANIFEST_NAME}:
         # Never the objects of a live concurrent writer of this name: its manifest may
         # still come and name them. Those of the replaced manifest and of dead writers go.
-        m = _DATA_RE.match(old)
+        m = DATA_RE.match(old)
         if m and (old in prior or (m["owner"] and owner_is_dead(m["owner"]))):
             with contextlib.suppress(CheckpointError):
                 store.remove_file(f"{name}/{old}")
@@ -352,7 +306,7 @@ def _abort_uploads(store: Store) -> list[str]:
     """Abort unfinished multipart uploads of data objects whose writer is dead."""
     removed = []
     for rel, upload_id in store.unfinished_uploads():
-        m = _DATA_RE.match(rel.rpartition("/")[2])
+        m = DATA_RE.match(rel.rpartition("/")[2])
         if m and m["owner"] and owner_is_dead(m["owner"]):
             store.abort_upload(rel, upload_id)
             removed.append(f"{rel} (unfinished upload)")
@@ -369,7 +323,7 @@ def _cleanup_objects(store: Store, files: Sequence[str]) -> list[str]:
     for folder, bases in folders.items():
         if folder.startswith("."):
             continue
-        ours = [b for b in bases if (m := _DATA_RE.match(b)) and m["owner"] and owner_is_dead(m["owner"])]
+        ours = [b for b in bases if (m := DATA_RE.match(b)) and m["owner"] and owner_is_dead(m["owner"])]
         if not ours:
             continue
         if MANIFEST_NAME in bases:

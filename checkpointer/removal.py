@@ -1,0 +1,85 @@
+"""Deleting a checkpoint folder so that a crash midway never leaves a manifest naming
+deleted data, and never deleting a file the engine did not write."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+
+from .errors import CheckpointError
+from .manifest import MANIFEST_NAME, read_manifest
+from .owners import OWNER_PATTERN, new_owner, release_owner
+from .storage import Store
+
+__all__ = ["remove_checkpoint", "doomed", "TMP_PREFIX", "OLD_PREFIX", "DATA_RE"]
+
+log = logging.getLogger("checkpointer")
+TMP_PREFIX = ".ckpt-tmp-"
+OLD_PREFIX = ".ckpt-old-"
+DATA_RE = re.compile(  # the data files the engine writes, and their writer
+    rf"^data-(?:(?P<owner>{OWNER_PATTERN})-)?(?:r\d{{5}}-)?\d{{5}}\.safetensors$")
+
+
+@contextlib.contextmanager
+def doomed(rel: str) -> Iterator[str]:
+    """A name to move folder ``rel`` to before deleting it, so that an interrupted delete
+    leaves a temporary folder that :func:`cleanup` removes, never a half-deleted checkpoint.
+
+    ``rel`` itself when it already is a leftover (a hidden or nested name).
+    """
+    if rel.startswith(".") or "/" in rel:
+        yield rel
+        return
+    owner = new_owner()
+    try:
+        yield f"{TMP_PREFIX}{rel}-{owner}"
+    finally:
+        release_owner(owner)
+
+
+def remove_checkpoint(store: Store, name: str) -> list[str]:
+    """Delete checkpoint (or leftover) folder ``name`` so that a crash midway never leaves a
+    manifest naming deleted data; returns the files left behind (not the engine's).
+
+    The files the manifest names are the engine's; anything else in the folder is a user's
+    and stays: then the manifest goes first (the folder stops being a checkpoint), then the
+    data files, and the folder is left with the user's files. A folder holding only the
+    engine's files is renamed aside first where rename is atomic (a crash leaves a
+    temporary folder that cleanup finishes), else emptied manifest first.
+    """
+    if name.startswith(".") or "/" in name:  # a leftover of the engine's own
+        store.remove_tree(name)
+        return []
+    ours, theirs = _split_folder(store, name)
+    if theirs:
+        for rel in [MANIFEST_NAME, *sorted(ours - {MANIFEST_NAME})]:
+            if rel in ours:
+                store.remove_file(f"{name}/{rel}")
+        log.warning("deleted checkpoint %s but left files the engine did not write: %s",
+                    store.url_of(name), ", ".join(sorted(theirs)))
+        return sorted(theirs)
+    with doomed(name) as gone:
+        if store.atomic_rename:
+            store.rename(name, gone)
+            try:
+                store.remove_tree(gone)
+            except CheckpointError as exc:  # the checkpoint is gone already; cleanup retries
+                log.warning("could not finish deleting %s: %s", store.url_of(gone), exc)
+            return []
+        if MANIFEST_NAME in ours:
+            store.remove_file(f"{name}/{MANIFEST_NAME}")
+        store.remove_tree(name)
+    return []
+
+
+def _split_folder(store: Store, name: str) -> tuple[set[str], set[str]]:
+    """The files of folder ``name``: the engine's (the manifest and what it names, or data
+    files by their name when the manifest is unreadable) and the others."""
+    files = set(store.list_folder(name))
+    try:
+        ours = {MANIFEST_NAME} | {f.name for f in read_manifest(store, name).files}
+    except CheckpointError:
+        ours = {MANIFEST_NAME} | {f for f in files if DATA_RE.match(f)}
+    return files & ours, files - ours
