@@ -10,6 +10,14 @@ be reused). A background failure is kept and raised by the next call into the ma
 by ``wait`` or by ``close`` (and logged when it happens, so it is never lost even at
 exit). The worker is a ``concurrent.futures`` thread, which the interpreter joins at
 exit: a save still running when the program ends completes.
+
+An interrupt (``KeyboardInterrupt``, any ``BaseException``) can land anywhere in the
+caller's thread, so a save is recorded as in flight *before* it is handed to the worker
+and forgotten only once its outcome is collected: once waiting for it returned, or raised
+the save's own error. An interrupt while waiting leaves it in flight (the next ``stage``,
+``wait`` or ``close`` waits again); one inside ``submit`` leaves it in flight too, queued
+or not: the next call into the writer queues it (a save queued twice runs once). Two saves
+therefore never share the arena, and a checkpoint commits exactly the state staged for it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from .errors import CheckpointError
 from .sharding import Shard, ShardedArray
 
 __all__ = ["AsyncWriter"]
@@ -39,6 +48,27 @@ def _staged_dtype(dtype: np.dtype) -> np.dtype:
     return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
 
 
+class _Save(Future[Any], Generic[_P]):
+    """One background save: the job, what the caller says it is, and (as a future) its
+    outcome. It may be queued twice (see :meth:`AsyncWriter.wait`): it runs once."""
+
+    def __init__(self, job: Callable[[], Any], pending: _P, label: str) -> None:
+        super().__init__()
+        self.job, self.pending, self.label = job, pending, label
+        self.queued = False  # set once a worker's queue is known to hold it (or it ran)
+        self._taken = threading.Lock()
+
+    def run(self) -> None:
+        if not self._taken.acquire(blocking=False):  # already run, or running
+            return
+        try:
+            result = _logged(self.label, self.job)
+        except BaseException as exc:  # the save's own error: kept for whoever collects it
+            self.set_exception(exc)
+        else:
+            self.set_result(result)
+
+
 class AsyncWriter(Generic[_P]):
     """One background writer thread with a reused staging arena.
 
@@ -50,10 +80,9 @@ class AsyncWriter(Generic[_P]):
 
     def __init__(self) -> None:
         self._executor = _new_executor()
-        self._future: Future[Any] | None = None
+        self._future: _Save[_P] | None = None  # in flight until its outcome is collected
         self._arena = np.empty(0, dtype=np.uint8)
         self._closed = False
-        self.pending: _P | None = None
 
     @property
     def capacity(self) -> int:
@@ -65,11 +94,21 @@ class AsyncWriter(Generic[_P]):
         """True while a save is in flight (or finished but not yet collected)."""
         return self._future is not None
 
+    @property
+    def pending(self) -> _P | None:
+        """What :meth:`submit` was told about the save in flight, if any."""
+        save = self._future
+        return None if save is None else save.pending
+
     def stage(self, arrays: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
         """Copy ``arrays`` (numpy arrays, or :class:`ShardedArray` whose pieces are copied)
         into the arena; later mutation of the originals is harmless.
 
         Waits for the in-flight save first (raising its error, if any).
+
+        Raises:
+            CheckpointError: the arena must grow and the memory cannot be allocated (the
+                old arena is freed then, and nothing is in flight).
         """
         self.wait()
         parts = [[s.data for s in v.shards] if isinstance(v, ShardedArray) else [v] for _, v in arrays]
@@ -103,39 +142,64 @@ class AsyncWriter(Generic[_P]):
         the job in the log when it fails.
         """
         self.wait()
+        save = _Save(job, pending, label)
+        self._future = save  # in flight from here on, whatever interrupts what follows
+        if self._start(save):
+            self.wait()  # it ran in this thread: its error is raised now
+
+    def _start(self, save: _Save[_P]) -> bool:
+        """Queue ``save`` on the worker; True when it had to run in this thread instead."""
         if self._closed:  # used again after close(): start a fresh worker
-            self._executor = _new_executor()
-            self._closed = False
-        self.pending = pending
+            self._executor, self._closed = _new_executor(), False
         try:
-            self._future = self._executor.submit(_logged, label, job)
+            self._executor.submit(save.run)
         except RuntimeError:  # the interpreter is shutting down: save in this thread
-            self.pending = None
-            job()
+            save.run()
+            save.queued = True
+            return True
+        save.queued = True
+        return False
 
     def raise_error(self) -> None:
-        """Raise the error of a finished background save, if any (once)."""
-        if self._future is not None and self._future.done():
+        """Raise the error of a finished background save, if any (once); queue a save that
+        an interrupted :meth:`submit` left unqueued."""
+        save = self._future
+        if save is not None and not save.queued:
+            self._start(save)
+        if save is not None and save.done():
             self.wait()
 
     def wait(self) -> None:
-        """Block until the in-flight save ends; raise its error."""
-        future, self._future = self._future, None
-        if future is None:
+        """Block until the in-flight save ends; raise its error.
+
+        Interrupted (the exception is not the save's own), the save stays in flight.
+        """
+        save = self._future
+        if save is None:
             return
+        if not save.queued:  # an interrupted submit may not have queued it
+            self._start(save)
         try:
-            future.result()
-        finally:
-            self.pending = None
+            save.result()
+        except BaseException as exc:
+            if save.done() and save.exception() is exc:  # the save's own error: collected
+                self._future = None
+            raise
+        self._future = None
 
     def close(self) -> None:
-        """Wait for the in-flight save, then stop the worker thread and free the arena."""
-        self._closed = True
+        """Wait for the in-flight save, then stop the worker thread and free the arena.
+
+        Interrupted while waiting, the save stays in flight and the worker keeps running:
+        a later :meth:`wait` or :meth:`close` collects it.
+        """
         try:
             self.wait()
         finally:
-            self._executor.shutdown(wait=True)
-            self._arena = np.empty(0, dtype=np.uint8)
+            if self._future is None:
+                self._closed = True
+                self._executor.shutdown(wait=True)
+                self._arena = np.empty(0, dtype=np.uint8)
 
 
 def _new_executor() -> ThreadPoolExecutor:
@@ -155,7 +219,13 @@ def _lower_priority() -> None:
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:
-    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    try:
+        raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    except MemoryError as exc:
+        raise CheckpointError(
+            f"cannot allocate {nbytes} bytes of staging memory for an async save: {exc} "
+            "(free host memory, or save with async_save=False)"
+        ) from exc
     shift = -raw.ctypes.data % _ALIGN
     return raw[shift : shift + nbytes]
 
