@@ -151,7 +151,7 @@ class RankPart:
 
     skeleton: Any
     arrays: Sequence[tuple[str, Any]]
-    error: Exception | None = None
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)
@@ -207,14 +207,15 @@ def save_in_background(save: RankedSave, main: Coordinator,
 
 def rank_part(state: Any, rank: int,
               stage: Callable[[list[tuple[str, Any]]], list[tuple[str, Any]]] | None) -> RankPart:
-    """This rank's part of a save of several ranks; an error is kept, not raised, so that
-    the rank still takes part and the save fails on every rank instead of hanging."""
+    """This rank's part of a save of several ranks; an error (an interrupt too) is kept, not
+    raised, so that the rank still takes part and the save fails on every rank instead of
+    hanging; this rank raises it once the others know."""
     try:
         skeleton, arrays = flatten(resolve_state(state))
         if stage is not None:  # followers write their pieces only: stage just those
             arrays = stage(arrays if rank == 0 else
                            [(k, v) for k, v in arrays if isinstance(v, ShardedArray)])
-    except Exception as exc:
+    except BaseException as exc:
         return RankPart(None, [], exc)
     return RankPart(skeleton, arrays)
 
