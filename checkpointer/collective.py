@@ -114,7 +114,7 @@ def follower_save(coord: Coordinator, store: Store, arrays: Sequence[tuple[str, 
             files, tensors = write_rank_files(store, where["folder"], f"{where['prefix']}r{coord.rank:05d}-",
                                               pieces, max_file_bytes)
         reply = _rank_reply(files, tensors, meta)
-    except Exception as exc:
+    except BaseException as exc:  # an interrupt too: reported, then raised below
         reply = failure(exc)
     coord.gather_bytes(pack(reply))
     outcome = unpack(coord.broadcast_bytes(None))

@@ -132,3 +132,23 @@ def test_a_storage_error_of_rank1s_part_is_a_storage_error_everywhere(tmp_path, 
     on0, on1 = _on_two_ranks(body)
     assert type(on0) is StorageError and type(on1) is StorageError
     assert str(on0) == "rank 1 failed to write its part: StorageError: bucket full"
+
+
+def test_a_rank_interrupted_while_preparing_its_part_fails_the_save_everywhere(tmp_path):
+    """The interrupted rank still takes part (no other rank hangs), then raises its
+    interrupt; the others get a save error naming it; nothing is committed."""
+    def body(rank: int, coord: ThreadCoordinator) -> Got:
+        mgr = CheckpointManager(tmp_path, coordinator=coord)
+
+        def state() -> dict[str, Any]:
+            if rank == 1:
+                raise KeyboardInterrupt
+            return {"w": np.ones(3)}
+        got = _outcome(lambda: mgr.save(state, step=1))
+        assert mgr.checkpoints == []
+        return got
+
+    on0, on1 = _on_two_ranks(body)
+    assert type(on1) is KeyboardInterrupt
+    assert isinstance(on0, CheckpointError) and "KeyboardInterrupt" in str(on0)
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
