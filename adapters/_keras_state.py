@@ -22,6 +22,7 @@ import numpy as np
 import checkpointer
 from checkpointer import CheckpointInfo
 from checkpointer.errors import StateTreeError
+from checkpointer.hints import refuse_checkpoint
 from checkpointer.paths import render_path
 
 __all__ = ["to_state", "load_state", "save", "load"]
@@ -159,6 +160,7 @@ def load_state(
     Example:
         >>> load_state(model, checkpointer.load("ckpts/step100"))
     """
+    refuse_checkpoint(state)
     if not isinstance(state, Mapping) or "weights" not in state:
         raise StateTreeError("not a Keras state: expected a dict with a 'weights' entry")
     _sync(model)

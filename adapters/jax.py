@@ -43,6 +43,7 @@ from typing import Any
 import checkpointer
 from checkpointer import CheckpointInfo
 from checkpointer.errors import StateTreeError
+from checkpointer.hints import refuse_checkpoint
 
 from ._jax_tree import BITS_MARK, KEY_MARK, Decoder, decode_plain, encode, prefetch
 
@@ -108,6 +109,7 @@ def from_state(template: Any, state: Any, *, strict: bool = True) -> Any:
         >>> from_state(t, to_state({"w": jnp.ones(2)}))["w"]
         Array([1., 1.], dtype=float32)
     """
+    refuse_checkpoint(state)
     if template is None:
         return decode_plain(state)
     decoder = Decoder(strict=strict)

@@ -45,6 +45,7 @@ from typing import Any
 import checkpointer
 from checkpointer import CheckpointInfo
 from checkpointer.errors import StateTreeError
+from checkpointer.hints import refuse_checkpoint
 from checkpointer.paths import render_path
 
 from ._torch_codec import META, DTensor, decode, encode, place
@@ -170,13 +171,15 @@ def load_state(obj: Any, state: Any, *, strict: bool = True) -> LoadReport:
 
     Raises:
         StateTreeError: with ``strict=True``, the keys that are missing, unexpected or of the
-            wrong shape; or an object rejecting its state (e.g. an optimizer of another shape).
+            wrong shape; an object rejecting its state (e.g. an optimizer of another shape);
+            or a ``Checkpoint`` given where its ``.state`` belongs.
 
     Example::
 
         >>> load_state({"model": model, "optimizer": opt}, checkpointer.load("ckpts/step-1"))
         LoadReport(missing=(), unexpected=(), mismatched=())
     """
+    refuse_checkpoint(state)  # load_state(obj, mgr.restore()): say ".state"
     report = _load(obj, state, strict, ())
     if report:
         log.warning("load_state skipped what does not fit: %s", report.describe())

@@ -7,11 +7,13 @@ import time
 from typing import Any
 
 from .commit import write_checkpoint
-from .errors import StateTreeError
+from .errors import CheckpointError, CheckpointNotFoundError, StateTreeError
+from .hints import refuse_checkpoint
 from .info import CheckpointInfo
 from .load import load_checkpoint
-from .manifest import Manifest, read_manifest
+from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .naming import check_name
+from .paths import join_url
 from .storage import open_store, split_url
 from .tree import flatten, resolve_state, unflatten
 from .version import LIBRARY
@@ -31,6 +33,7 @@ def save(url: str | os.PathLike[str], state: Any, *, metadata: Any = None,
     """
     parent, name = split_url(os.fspath(url))
     check_name(name)
+    refuse_checkpoint(state)
     store = open_store(parent, storage_options)
     skeleton, arrays = flatten(resolve_state(state))
     meta_skeleton = None
@@ -47,9 +50,35 @@ def save(url: str | os.PathLike[str], state: Any, *, metadata: Any = None,
 
 def load_with_manifest(url: str | os.PathLike[str], *, verify: bool = True,
                        storage_options: dict[str, Any] | None = None) -> tuple[Any, Manifest]:
-    """``(state, manifest)`` of the checkpoint folder ``url``."""
+    """``(state, manifest)`` of the checkpoint folder ``url``.
+
+    Raises:
+        CheckpointNotFoundError: ``url`` holds no checkpoint (the message names the
+            checkpoints inside when it is a directory of them).
+    """
     parent, name = split_url(os.fspath(url))
-    return load_checkpoint(open_store(parent, storage_options), name, verify=verify)
+    try:
+        return load_checkpoint(open_store(parent, storage_options), name, verify=verify)
+    except CheckpointNotFoundError as exc:
+        raise _not_a_checkpoint(os.fspath(url), storage_options, exc) from None
+
+
+def _not_a_checkpoint(url: str, storage_options: dict[str, Any] | None,
+                      exc: CheckpointNotFoundError) -> CheckpointNotFoundError:
+    """``exc``, or when ``url`` is a directory of checkpoints an error naming them."""
+    try:
+        listing = open_store(url, storage_options).list_files()
+    except CheckpointError:
+        return exc
+    names = sorted({p.split("/", 1)[0] for p in listing
+                    if p.endswith("/" + MANIFEST_NAME) and not p.startswith(".")})
+    if not names:
+        return exc
+    shown = ", ".join(names if len(names) <= 6 else [*names[:3], "...", *names[-3:]])
+    return CheckpointNotFoundError(
+        f"{url} is a directory of checkpoints ({len(names)}: {shown}), not one checkpoint: load "
+        f"one of them, e.g. checkpointer.load({join_url(url, names[-1])!r}), or "
+        f"CheckpointManager({url!r}).restore() for the latest")
 
 
 def load(url: str | os.PathLike[str], *, verify: bool = True,

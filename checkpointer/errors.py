@@ -6,6 +6,7 @@ also from the built-in exception that fits, so ``except FileNotFoundError`` and
 
     CheckpointError
     ├── ConfigurationError (ValueError)        a bad option, found at construction
+    │   └── UnknownOptionError (TypeError)     a keyword the callable does not take
     ├── StateTreeError (TypeError)             a state tree holding an unsupported leaf
     ├── MetricError (ValueError)               a NaN/inf metric under nan_policy="raise"
     ├── CheckpointNotFoundError (FileNotFoundError)
@@ -30,6 +31,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ConfigurationError",
+    "UnknownOptionError",
     "StateTreeError",
     "MetricError",
     "CheckpointNotFoundError",
@@ -54,6 +56,11 @@ class CheckpointError(Exception):
 
 class ConfigurationError(CheckpointError, ValueError):
     """An option has an invalid value or combination; raised when the object is built."""
+
+
+class UnknownOptionError(ConfigurationError, TypeError):
+    """A keyword argument the callable does not take; the message names the option meant
+    (a ``TypeError`` too, as Python's own error for an unknown keyword is)."""
 
 
 class StateTreeError(CheckpointError, TypeError):

@@ -29,10 +29,10 @@ from typing import Any
 from . import collective, commit, pruning
 from .async_save import AsyncWriter
 from .distributed import Coordinator, background_coordinator, detect_coordinator, run_on_primary
-from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, StorageError
-from .index import Entry, decode_entry, encode_entry, load_entries, settings_key, write_index
+from .errors import CheckpointError, ConfigurationError, StorageError
+from .hints import unknown_options
+from .index import Entry, load_entries, read_index_meta, settings_key, write_index
 from .info import Checkpoint, CheckpointInfo
-from .load import load_checkpoint
 from .monitor import Monitor, optional_monitor
 from .plan import (
     CheckpointWarning,
@@ -40,9 +40,15 @@ from .plan import (
     SavePlan,
     Scored,
     decode_plan,
+    decode_scored,
     encode_plan,
+    encode_scored,
+    kept_index_config,
+    recorded_monitor,
     restore_order,
+    warn_no_step_schedule,
 )
+from .restoring import load_first
 from .retention import Retention, best_record
 from .schedule import Schedule
 from .storage import Store, open_store
@@ -67,7 +73,8 @@ class CheckpointManager:
         state = CheckpointManager("ckpts").restore("best").state
 
     Raises:
-        ConfigurationError: on any invalid option, at construction.
+        ConfigurationError: on any invalid option, at construction; an option it does not
+            take is an ``UnknownOptionError`` (also a ``TypeError``) naming the one meant.
     """
 
     def __init__(
@@ -79,13 +86,16 @@ class CheckpointManager:
         keep_every_seconds: float | None = None, filename: str | None = None, nan_policy: str = "worst", async_save: bool = False,
         storage_options: dict[str, Any] | None = None, clock: Callable[[], float] = _WALL_CLOCK,
         filesystem: Any = None, max_file_bytes: int = commit.DEFAULT_MAX_FILE_BYTES,
-        coordinator: Coordinator | None = None,
+        coordinator: Coordinator | None = None, **unknown: Any,
     ) -> None:
+        if unknown:  # a typo or another library's name (max_to_keep): say which is meant
+            raise unknown_options("CheckpointManager", unknown, CheckpointManager.__init__)
         self._monitor = optional_monitor(monitor, mode, min_delta, initial_value_threshold, nan_policy)
         for flag, what in ((save_best_only, "save_best_only=True"), (keep_best, "keep_best")):
             if flag and self._monitor is None:
                 raise ConfigurationError(f"{what} needs a monitor (a metric name to rank by)")
         self._schedule = Schedule(every_n_epochs, every_n_steps, every_seconds)
+        self._warn_steps = every_n_steps is None and every_seconds is None  # step_end never saves
         self._retention = Retention(keep_last, keep_best, keep_every_n_steps, keep_every_n_epochs,
                                     keep_every_seconds)
         self._settings = pruning.recorded_settings(self._monitor, self._retention)
@@ -108,7 +118,8 @@ class CheckpointManager:
             log.info("%s offers no background coordinator: saves are synchronous",
                      type(self._coord).__name__)
         self._entries: list[Scored] = []  # committed, oldest first; replaced, never mutated
-        self._entries = run_on_primary(self._coord, self._open_directory, _encode_scored,
+        self._kept_config: dict[str, str] = {}  # the index's monitor, kept when we have none
+        self._entries = run_on_primary(self._coord, self._open_directory, encode_scored,
                                        self._decode_entries)
         if every_seconds is not None:
             _warn_if_dated_ahead(self._entries, clock())
@@ -119,6 +130,7 @@ class CheckpointManager:
         if removed:
             log.info("removed unfinished leftovers of dead writers: %s", ", ".join(removed))
             listing = self._store.list_files()
+        self._kept_config = kept_index_config(self._store, listing, self._monitor)
         entries, stale = load_entries(self._store, listing)
         self._entries = [self._planner.scored(e) for e in entries]
         if stale and self._entries:
@@ -126,10 +138,10 @@ class CheckpointManager:
         return self._entries
 
     def _decode_entries(self, rows: Any) -> list[Scored]:
-        return _decode_scored(self._store, rows)
+        return decode_scored(self._store, rows)
 
     def _adopt_rows(self, rows: Any) -> None:
-        self._entries = _decode_scored(self._store, rows)
+        self._entries = decode_scored(self._store, rows)
 
     # -- public properties -------------------------------------------------------------
 
@@ -169,7 +181,10 @@ class CheckpointManager:
 
     def step_end(self, step: int, state: Any, *,
                  metrics: dict[str, Any] | None = None) -> CheckpointInfo | None:
-        """End of step ``step``: save if the schedule and the monitor say so."""
+        """End of step ``step``: save if the schedule and the monitor say so (a schedule
+        without ``every_n_steps`` or ``every_seconds`` never does: warned once)."""
+        if self._warn_steps:  # once: nothing in the schedule can fire at a step
+            self._warn_steps = warn_no_step_schedule(step)
         decide = partial(self._decide, partial(self._schedule.at_step, step), f"step {step}")
         return self._run(partial(decide, step, None, metrics), state)
 
@@ -227,7 +242,7 @@ class CheckpointManager:
         part = collective.rank_part(state, coord.rank, None if writer is None else writer.stage)
         save = collective.RankedSave(coord, part, self._store, self._max_file_bytes,
                                      partial(self._write_and_commit, plan),
-                                     lambda: _encode_scored(self._entries), self._adopt_rows)
+                                     lambda: encode_scored(self._entries), self._adopt_rows)
         if writer is None:
             info = save.run()
             return info if coord.rank == 0 else next(
@@ -279,7 +294,7 @@ class CheckpointManager:
         return [(s.info, bool(why[s.info.name]), why[s.info.name]) for s in self._entries]
 
     def _write_index_quietly(self) -> None:
-        _write_index(self._store, self._entries, self._monitor)
+        _write_index(self._store, self._entries, self._monitor, self._kept_config)
 
     # -- restore ----------------------------------------------------------------------
 
@@ -288,37 +303,27 @@ class CheckpointManager:
         """Load a checkpoint: ``"latest"``, ``"best"``, a name, or a step number.
 
         ``"latest"``/``"best"`` fall back to the next newest/best that verifies (with a
-        warning naming the broken one) unless ``fallback=False``. ``template`` is a tree
+        warning naming the broken one) unless ``fallback=False``. ``"best"`` on a manager
+        without a monitor ranks by the one the directory records (the index's, else the
+        newest manifest's). ``template`` is a tree
         whose :class:`~checkpointer.sharding.ShardSpec` (or ``ShardedArray``) leaves name
         the pieces this process wants of sharded arrays; only those bytes are read. With
         several processes every rank loads its part and all agree on the outcome.
 
         Raises:
-            CheckpointNotFoundError: nothing matches (or nothing verifies).
+            CheckpointNotFoundError: nothing matches (or nothing verifies); the message
+                lists the steps or names there.
+            ConfigurationError: ``"best"`` with no monitor given or recorded.
             CorruptCheckpointError: the requested checkpoint fails verification.
         """
         self.wait()
         specs = specs_from_template(template) if template is not None else None
-        candidates, can_fall_back = restore_order(self._entries, which, self._monitor)
-        for entry in candidates:
-            error: BaseException | None = None
-            try:
-                tree, _ = load_checkpoint(self._store, entry.info.name, verify=verify, specs=specs)
-            except (CheckpointError, OSError) as exc:
-                error = exc
-            if self._coord.world_size > 1:
-                error = collective.agree(self._coord, error)
-            if error is None:
-                self._protected.add(entry.info.name)
-                log.info("restored %s", entry.info.url)
-                return Checkpoint(entry.info, tree)
-            if not (fallback and can_fall_back):
-                raise error
-            msg = f"checkpoint {entry.info.url} is broken ({error}); falling back"
-            log.warning(msg)
-            warnings.warn(msg, CheckpointWarning, stacklevel=2)
-        raise CheckpointNotFoundError(f"no checkpoint in {self._store.url} matches {which!r}"
-                                      + (" and verifies" if candidates else ""))
+        order = restore_order(self._entries, which, self._monitor,
+                              lambda: recorded_monitor(read_index_meta(self._store), self._entries))
+        got = load_first(self._store, self._coord, which, *order, fallback=fallback, verify=verify,
+                         specs=specs, listed=self.checkpoints)
+        self._protected.add(got.info.name)
+        return got
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -355,24 +360,13 @@ class CheckpointManager:
         self.close()
 
 
-def _decode_scored(store: Store, rows: Any) -> list[Scored]:
-    """Rank 0's entries (:func:`_encode_scored`) on another rank."""
-    ok = [r for r in rows if isinstance(r, list) and len(r) == 2 and (r[1] is None or type(r[1]) is float)]
-    return [Scored(e, r[1]) for r in ok if (e := decode_entry(store, r[0])) is not None]
-
-
-def _write_index(store: Store, entries: list[Scored], monitor: Monitor | None) -> None:
+def _write_index(store: Store, entries: list[Scored], monitor: Monitor | None,
+                 kept: dict[str, str]) -> None:
     try:
-        config = {} if monitor is None else {"monitor": monitor.metric, "mode": monitor.mode}
+        config = kept if monitor is None else {"monitor": monitor.metric, "mode": monitor.mode}
         write_index(store, [s.entry for s in entries], config)
     except CheckpointError as exc:  # the index is a cache; the manifests are the truth
         log.warning("could not write the index: %s", exc)
-
-
-def _encode_scored(entries: list[Scored]) -> Any:
-    """Rank 0's entries with rank 0's scores, for the other ranks: they never score."""
-    return [[encode_entry(s.entry), s.score] for s in entries]
-
 
 
 def _warn_if_dated_ahead(entries: list[Scored], now: float) -> None:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .dtypes import SAFETENSORS_TO_NUMPY, safetensors_to_numpy
+from .dtypes import ITEMSIZE
 from .errors import (
     CheckpointNotFoundError,
     DuplicateKeyError,
@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.msgpack"
 MANIFEST_MAGIC = b"CKPTMAN1"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
-MAX_NDIM = 64
+MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # what numpy can build
 MAX_GRID_CELLS = 1 << 20
 MAX_EXTENT = 1 << 62  # dimensions, offsets and byte sizes at or beyond it are hostile
 _LIMIT = MAX_EXTENT
@@ -207,7 +207,7 @@ _OWN_KEYS = frozenset(_REQUIRED) | {"shards", "block_bytes", "blocks"}
 
 def parse(m: Any, where: str) -> Manifest:
     """A decoded manifest body as a :class:`Manifest`, every rule checked."""
-    if not isinstance(m, dict) or any(not isinstance(m.get(k), t) for k, t in _REQUIRED.items()):
+    if not isinstance(m, dict) or any(type(m.get(k)) is not t for k, t in _REQUIRED.items()):
         raise ManifestError(f"{where}: required fields missing or of the wrong type")
     if m["format"] != "checkpointer" or m["version"] != FORMAT_VERSION:
         raise ManifestError(f"{where}: format {m['format']!r} version {m['version']!r} is not supported")
@@ -246,7 +246,7 @@ def _ints(xs: Any, low: int = -_LIMIT) -> bool:
 
 def _tensor_rows(rows: list[Any], sizes: dict[str, int], where: str) -> tuple[TensorRow, ...]:
     out: dict[str, TensorRow] = {}
-    itemsize = {code: dt.itemsize for code, dt in SAFETENSORS_TO_NUMPY.items()}
+    itemsize = ITEMSIZE  # no dtype built: ml_dtypes is imported only for its dtypes' data
     make = TensorRow.__new__  # a hot loop: thousands of rows per manifest
     for t in rows:
         if not (type(t) is list and len(t) == 7 and type(t[0]) is str and type(t[1]) is str and t[1] in sizes
@@ -290,7 +290,7 @@ def _shard_rows(shards: Any, tensors: tuple[TensorRow, ...], where: str) -> tupl
     out: dict[str, ShardRow] = {}
     for entry in shards:
         if not (type(entry) is list and len(entry) == 4 and type(entry[0]) is str
-                and safetensors_to_numpy(entry[1]) is not None and _ints(entry[2], 0)
+                and type(entry[1]) is str and entry[1] in ITEMSIZE and _ints(entry[2], 0)
                 and len(entry[2]) <= MAX_NDIM and type(entry[3]) is list):
             raise ManifestError(f"{where}: shard entry {entry!r:.80} is malformed")
         key, code, shape, pieces = entry

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import ConfigurationError, MetricError
+from .hints import close_names
 
-__all__ = ["Monitor", "Score", "infer_mode", "check_options", "optional_monitor"]
+__all__ = ["Monitor", "Score", "infer_mode", "check_options", "optional_monitor",
+           "direction_error"]
 
 _MIN_WORDS = {"loss", "error", "err", "mse", "mae", "rmse", "mape", "msle", "nll", "cost",
               "perplexity", "ppl", "crossentropy", "entropy", "hinge", "kld", "kl",
@@ -23,6 +25,27 @@ _MAX_WORDS = {"acc", "accuracy", "auc", "f1", "fbeta", "fscore", "precision", "r
               "miou", "map", "dice", "bleu", "rouge", "r2", "top1", "top5", "sensitivity",
               "specificity", "score", "reward", "return"}
 NanPolicy = Literal["worst", "skip", "raise"]
+# Keras's and Lightning's usual metric names, beyond the words above: what a typo is
+# compared with (see direction_error)
+_COMMON = ("categorical_accuracy", "sparse_categorical_accuracy", "binary_accuracy",
+           "top_k_categorical_accuracy", "mean_squared_error", "mean_absolute_error",
+           "mean_io_u", "f1_score", "log_loss", "cross_entropy")
+_PREFIXES = ("", "val_", "train_", "test_", "valid_", "val/", "train/", "test/")
+
+
+def direction_error(metric: str, seen: Iterable[str] = ()) -> ConfigurationError:
+    """The error for ``mode="auto"`` and a name whose direction is unknown: the usual
+    metric names close to it (and those of ``seen``, the metrics actually passed, first)
+    as a "did you mean", else what to pass."""
+    seen = list(seen)
+    usual = [p + w for p in _PREFIXES for w in (*_MIN_WORDS, *_MAX_WORDS, *_COMMON)]
+    found = close_names(metric, seen, n=2) or close_names(metric, usual, n=1)
+    what = f"monitor {metric!r} is not a metric name whose direction is known"
+    if found:
+        return ConfigurationError(f"{what}: did you mean {' or '.join(map(repr, found))}? "
+                                  "Else pass mode='min' or mode='max'")
+    return ConfigurationError(f"{what} (mode='auto' reads loss- or accuracy-like words in the "
+                              "name): pass mode='min' or mode='max'")
 
 
 def infer_mode(metric: str) -> Literal["min", "max"] | None:
@@ -99,9 +122,7 @@ class Monitor:
         if mode == "auto":
             inferred = infer_mode(metric)
             if inferred is None:
-                raise ConfigurationError(
-                    f"mode='auto' cannot tell whether {metric!r} should go down or up; "
-                    "pass mode='min' or mode='max'")
+                raise direction_error(metric)
             mode = inferred
         check_options(min_delta, initial_value_threshold, nan_policy)
         threshold = None if initial_value_threshold is None else float(initial_value_threshold)

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -20,14 +22,17 @@ from typing import Any
 import numpy as np
 
 from .errors import CheckpointError, ConfigurationError, MetricError
-from .index import Entry
+from .hints import did_you_mean
+from .index import INDEX_NAME, Entry, decode_entry, encode_entry, read_index_meta
 from .info import CheckpointInfo
 from .monitor import Monitor, Score, to_float
 from .naming import default_name, format_name, template_fields
 from .retention import Record, ranked
+from .storage import Store
 
 __all__ = ["Planner", "SavePlan", "Scored", "CheckpointWarning", "MetricValue", "clean_metrics",
-           "encode_plan", "decode_plan", "restore_order"]
+           "encode_plan", "decode_plan", "restore_order", "recorded_monitor",
+           "encode_scored", "decode_scored", "kept_index_config", "warn_no_step_schedule"]
 
 log = logging.getLogger("checkpointer")
 MetricValue = int | float | str
@@ -78,8 +83,7 @@ class Planner:
         if self.save_best_only and not force and self.monitor is not None:
             so_far = best()
             if not self.monitor.is_improvement(score.value, so_far):
-                log.info("%s: not saved: %s=%s is not an improvement on %s", where,
-                         self.monitor.metric, score.value, so_far)
+                _not_improved(where, self.monitor, score.value, so_far)
                 return None
         log.debug("%s: saving (%s)", where, reason)
         clean = clean_metrics(metrics)
@@ -106,8 +110,9 @@ class Planner:
         score = mon.score(metrics)
         if not score.missing:
             return score
+        hint = did_you_mean(mon.metric, [str(k) for k in metrics or {}])
         msg = (f"monitored metric {mon.metric!r} is missing from the metrics "
-               f"({sorted(metrics or {})}); this save point is not ranked")
+               f"({sorted(metrics or {})}){'; ' + hint if hint else ''}; this save point is not ranked")
         log.warning(msg)
         # 6: past plan, the manager's _decide, _run and public method: at its caller
         warnings.warn(msg, CheckpointWarning, stacklevel=6)
@@ -220,20 +225,40 @@ class Scored:
         return Record(self.entry.info.name, self.entry.seq, self.score, self.entry.managed)
 
 
-def restore_order(entries: Sequence[Scored], which: str | int,
-                  monitor: Monitor | None) -> tuple[list[Scored], bool]:
+def encode_scored(entries: Sequence[Scored]) -> Any:
+    """Rank 0's entries with rank 0's scores, for the other ranks: they never score."""
+    return [[encode_entry(s.entry), s.score] for s in entries]
+
+
+def decode_scored(store: Store, rows: Any) -> list[Scored]:
+    """Rank 0's entries (:func:`encode_scored`) on another rank."""
+    ok = [r for r in rows if isinstance(r, list) and len(r) == 2 and (r[1] is None or type(r[1]) is float)]
+    return [Scored(e, r[1]) for r in ok if (e := decode_entry(store, r[0])) is not None]
+
+
+def restore_order(entries: Sequence[Scored], which: str | int, monitor: Monitor | None,
+                  recorded: Callable[[], Monitor | None] = lambda: None) -> tuple[list[Scored], bool]:
     """The checkpoints that ``restore(which)`` tries, in order, and whether it may fall back
     past the first: ``"latest"`` newest first, ``"best"`` best first (ranked ones only), a
-    step number or a name (no fallback).
+    step number or a name (no fallback). ``"best"`` without a ``monitor`` ranks by the one
+    ``recorded()`` finds (the directory's: see :func:`recorded_monitor`), and logs it.
 
     Raises:
-        ConfigurationError: ``"best"`` without a monitor, or ``which`` of another kind.
+        ConfigurationError: ``"best"`` with no monitor given or recorded, or ``which`` of
+            another kind.
     """
     if which == "latest":
         return list(reversed(entries)), True
     if which == "best":
         if monitor is None:
-            raise ConfigurationError("restore('best') needs a monitor")
+            monitor = recorded()
+            if monitor is None:
+                raise ConfigurationError(
+                    "restore('best') needs a monitor to rank by, and this directory records "
+                    "none: pass CheckpointManager(..., monitor='val_loss') (the metric's name)")
+            log.info("restore('best'): ranking by monitor %r (mode=%r), which the directory "
+                     "records", monitor.metric, monitor.mode)
+            entries = [Planner(monitor).scored(s.entry) for s in entries]
         by_name = {s.info.name: s for s in entries}
         return [by_name[r.name] for r in ranked([s.record for s in entries], monitor)], True
     if isinstance(which, int) and not isinstance(which, bool):
@@ -241,6 +266,61 @@ def restore_order(entries: Sequence[Scored], which: str | int,
     if isinstance(which, str):
         return [s for s in entries if s.info.name == which], False
     raise ConfigurationError(f"restore() takes 'latest', 'best', a name or a step, got {which!r}")
+
+
+def recorded_monitor(config: Mapping[str, Any], entries: Sequence[Scored]) -> Monitor | None:
+    """The monitor a directory records: its index's (``config``, see
+    :func:`~checkpointer.index.read_index_meta`), else the newest manifest's retention
+    settings that name one; ``None`` when nothing does."""
+    candidates: list[Any] = [config]
+    for s in reversed(entries):
+        try:
+            candidates.append(json.loads(s.entry.settings or "{}"))
+        except ValueError:  # "?": settings that were not a flat map
+            continue
+    for found in candidates:
+        metric, mode = (found.get("monitor"), found.get("mode")) if isinstance(found, dict) else (None, None)
+        if isinstance(metric, str) and metric and mode in ("min", "max"):
+            return Monitor.create(metric, mode)
+    return None
+
+
+def kept_index_config(store: Store, listing: list[str], monitor: Monitor | None) -> dict[str, str]:
+    """The monitor the index records, for a manager without one of its own to keep when it
+    rewrites the index: ``restore("best")`` and ``checkpointer ls`` still rank by it."""
+    if monitor is not None or INDEX_NAME not in listing:
+        return {}
+    meta = read_index_meta(store)
+    return {k: meta[k] for k in ("monitor", "mode") if k in meta}
+
+
+def warn_no_step_schedule(step: int) -> bool:
+    """Warn that ``step_end`` cannot save (no step or time trigger); ``False``: warned."""
+    msg = (f"step_end({step}) never saves: the schedule has no every_n_steps (and no "
+           "every_seconds); pass CheckpointManager(..., every_n_steps=N) to save every N "
+           "steps, or call epoch_end at the end of each epoch")
+    log.warning(msg)
+    warnings.warn(msg, CheckpointWarning, stacklevel=3)  # at step_end's caller
+    return False
+
+
+def _not_improved(where: str, monitor: Monitor, value: float | None, best: float | None) -> None:
+    """Say why a ``save_best_only`` save point did not save: a NaN/inf (which never
+    improves) as a warning, at the default log level; a value that did not beat the best
+    (or the initial threshold) at info."""
+    if value is not None and not math.isfinite(value):
+        msg = (f"{where}: not saved: monitored metric {monitor.metric!r} is {value}, which never "
+               "improves (save_best_only=True); pass nan_policy='raise' to stop on it, or "
+               "nan_policy='skip' to skip such save points quietly")
+        log.warning(msg)
+        warnings.warn(msg, CheckpointWarning, stacklevel=6)  # as in Planner.score
+        return
+    beaten = [f"the best so far ({best})"] if best is not None and math.isfinite(best) else []
+    if monitor.initial_value_threshold is not None:
+        beaten.append(f"initial_value_threshold={monitor.initial_value_threshold}")
+    delta = f" by more than min_delta={monitor.min_delta}" if monitor.min_delta else ""
+    log.info("%s: not saved: %s=%s does not beat %s%s (mode=%r)", where, monitor.metric, value,
+             " or ".join(beaten) or "anything", delta, monitor.mode)
 
 
 def clean_metrics(metrics: Mapping[Any, Any] | None) -> dict[str, MetricValue]:

@@ -20,6 +20,7 @@ import numpy as np
 from .dtypes import numpy_to_safetensors, safetensors_to_numpy
 from .errors import ManifestError, StateTreeError
 from .gcpause import without_gc
+from .hints import refuse_checkpoint
 from .paths import render_path
 from .sharding import ShardedArray, ShardSpec
 
@@ -134,6 +135,7 @@ def _leaf(node: Any, parts: list[str | int], arrays: list[tuple[str, np.ndarray]
         key = path_key(parts)
         arrays.append((key, node))
         return ["a", key]
+    refuse_checkpoint(node, render_path(parts))  # restore()'s result passed back: say .state
     raise StateTreeError(
         f"{render_path(parts)}: {type(node).__module__}.{type(node).__qualname__} is not a state "
         "leaf (numpy arrays and scalars, int, float, bool, str, bytes, None); convert it "

@@ -1,0 +1,58 @@
+"""``CheckpointManager.restore`` carried out: load the candidates in order (see
+:func:`~checkpointer.plan.restore_order`), falling back past broken ones when allowed.
+
+With several processes every rank loads its own part and all agree on each outcome, so
+that every rank returns the same checkpoint or raises the same error.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from . import collective
+from .distributed import Coordinator
+from .errors import CheckpointError
+from .hints import restore_not_found
+from .info import Checkpoint, CheckpointInfo
+from .load import load_checkpoint
+from .plan import CheckpointWarning, Scored
+from .sharding import ShardSpec
+from .storage import Store
+
+__all__ = ["load_first"]
+
+log = logging.getLogger("checkpointer")
+
+
+def load_first(store: Store, coord: Coordinator, which: str | int, candidates: Sequence[Scored],
+               can_fall_back: bool, *, fallback: bool, verify: bool,
+               specs: dict[str, ShardSpec] | None, listed: Sequence[CheckpointInfo]) -> Checkpoint:
+    """The first of ``candidates`` that loads; past a broken one (warned, naming it) only
+    when both ``fallback`` and ``can_fall_back``. ``listed``: every checkpoint there, for the
+    message when nothing matches.
+
+    Raises:
+        CheckpointNotFoundError: nothing matches ``which`` (or nothing verifies).
+        CorruptCheckpointError: the checkpoint asked for fails verification.
+    """
+    for entry in candidates:
+        error: BaseException | None = None
+        tree: Any = None
+        try:
+            tree, _ = load_checkpoint(store, entry.info.name, verify=verify, specs=specs)
+        except (CheckpointError, OSError) as exc:
+            error = exc
+        if coord.world_size > 1:
+            error = collective.agree(coord, error)
+        if error is None:
+            log.info("restored %s", entry.info.url)
+            return Checkpoint(entry.info, tree)
+        if not (fallback and can_fall_back):
+            raise error
+        msg = f"checkpoint {entry.info.url} is broken ({error}); falling back"
+        log.warning(msg)
+        warnings.warn(msg, CheckpointWarning, stacklevel=3)  # at restore's caller
+    raise restore_not_found(store.url, which, listed, bool(candidates))
