@@ -2,15 +2,20 @@
 
 Sizes at the caps, huge shapes, deep nesting, duplicate keys, overlapping offsets, msgpack
 ext types, path escapes, unknown tree tags: each ends in a ``CheckpointError`` within a few
-MB of allocation. A full load also runs with pickle and ``numpy.load`` booby-trapped.
+MB of allocation, and the CLI reports it without a traceback. A list where a name is
+expected or a 100-dimension shard shape is refused by every entry point, and a manager
+still opens the directory. A full load also runs with pickle and ``numpy.load`` booby-trapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import struct
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -21,22 +26,28 @@ from _hostile import (
     bounded_memory,
     frame,
     framed_header,
+    get_at,
+    layered_state,
     only_checkpoint_errors,
     parse_header,
+    replaced,
 )
 
 import checkpointer
+from checkpointer import CheckpointWarning, errors, reading
 from checkpointer import format as fmt
-from checkpointer import reading
 from checkpointer.checksum import crc32c
+from checkpointer.cli import main
 from checkpointer.frame import decode_framed
+from checkpointer.index import INDEX_NAME
 from checkpointer.load import load_checkpoint
 from checkpointer.manifest import MANIFEST_MAGIC, MANIFEST_NAME
 from checkpointer.storage import open_store
 
 
 def crafted_store(
-    header: dict[str, Any], data: bytes, tree: Any, tensors: list[list[Any]] | None = None
+    header: dict[str, Any], data: bytes, tree: Any, tensors: list[list[Any]] | None = None,
+    **fields: Any,
 ) -> tuple[Any, str]:
     """A checkpoint an attacker wrote: consistent checksums, hostile content."""
     blob = json.dumps(header).encode()
@@ -67,6 +78,7 @@ def crafted_store(
         "tree": tree,
         "tensors": tensors,
         "files": [["data-00000.safetensors", len(body), file_crc]],
+        **fields,
     }
     store = open_store(f"memory://crafted-{uuid.uuid4().hex[:8]}")
     store.put_bytes("c/data-00000.safetensors", body)
@@ -183,10 +195,14 @@ def _checkpoint_cases() -> dict[str, tuple[Any, ...]]:
 
 
 @pytest.mark.parametrize("name", list(_checkpoint_cases()))
-def test_crafted_checkpoints(name: str) -> None:
+def test_crafted_checkpoints(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     store, ckpt = crafted_store(*_checkpoint_cases()[name])
     with bounded_memory() as run:
         assert run(lambda: only_checkpoint_errors(lambda: load_checkpoint(store, ckpt))) != "ok"
+    # the CLI shows (inspect) or refuses it, and verify fails it: a message, never a traceback
+    assert main(["inspect", store.url_of(ckpt)]) in (0, 2)
+    assert main(["verify", store.url_of(ckpt)]) == 1
+    assert "Traceback" not in "".join(capsys.readouterr())
 
 
 def test_load_path_never_unpickles(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,3 +226,72 @@ def test_load_path_never_unpickles(tmp_path: Any, monkeypatch: pytest.MonkeyPatc
     assert got["meta"] == state["meta"] and (got["w"] == state["w"]).all()
     with checkpointer.CheckpointManager(tmp_path / "m", monitor="loss") as mgr:
         assert mgr.restore("best").state["g"] == np.float16(3)
+
+
+# A checksum-valid manifest with a list where a name is expected, or a 100-dimension shard
+# shape, used to be a raw TypeError / ValueError from load, CheckpointManager() and the CLI.
+CONFUSED = {
+    "a list as a file name": (("files", 0, 0), lambda v: [v], errors.UnsafePathError),
+    "a list as a tensor's file": (("tensors", 0, 1), lambda v: [v], errors.ManifestError),
+    "a list as a piece key": (("shards", 0, 3, 0, 0), lambda v: [v], errors.ManifestError),
+    "a 100-dimension shard shape": (("shards", 0, 2), lambda v: [1] * 100, errors.ManifestError),
+}
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["indexed", "not-indexed"])
+@pytest.mark.parametrize("case", list(CONFUSED))
+def test_a_confused_manifest_is_refused_everywhere_and_skipped_by_a_manager(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+        case: str, indexed: bool) -> None:
+    with checkpointer.CheckpointManager(tmp_path) as mgr:
+        good = mgr.save(layered_state(1, 0), step=1).name
+        bad = mgr.save(layered_state(1, 1), step=2).name
+    path, make, error = CONFUSED[case]
+    body = decode_framed((tmp_path / bad / MANIFEST_NAME).read_bytes(), MANIFEST_MAGIC, "t")
+    (tmp_path / bad / MANIFEST_NAME).write_bytes(frame(msgpack.packb(
+        replaced(body, path, make(get_at(body, path))), use_bin_type=True)))
+    if not indexed:
+        (tmp_path / INDEX_NAME).unlink()
+    with pytest.raises(error):
+        checkpointer.load(tmp_path / bad)
+    with pytest.raises(error):
+        checkpointer.open(tmp_path / bad)
+    with caplog.at_level(logging.WARNING, logger="checkpointer"), pytest.warns(CheckpointWarning) \
+            if indexed else contextlib.nullcontext():
+        mgr = checkpointer.CheckpointManager(tmp_path)
+        # listed (the index knows it) or skipped, a warning naming it either way
+        assert [c.name for c in mgr.checkpoints] == ([good, bad] if indexed else [good])
+        assert any(bad in r.getMessage() for r in caplog.records)
+        assert mgr.restore().info.name == good  # falling back past it (with a warning) when listed
+    assert main(["ls", str(tmp_path)]) in (0, 1)  # 1: it lists a broken checkpoint
+    out = capsys.readouterr()
+    assert good in out.out and "Traceback" not in out.out + out.err
+    for argv, rc in ((["inspect", str(tmp_path / bad)], 2), (["verify", str(tmp_path / bad)], 1),
+                     (["verify", str(tmp_path)], 1)):
+        assert main(argv) == rc, argv
+        out = capsys.readouterr()
+        assert "Traceback" not in out.out + out.err and bad in out.out + out.err
+
+
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["tensor", "shard"])
+def test_sixty_four_dimensions_load_or_are_refused(sharded: bool) -> None:
+    """64 dimensions (numpy 2's limit): a value or a CheckpointError from every entry point,
+    and a manager opens on the directory."""
+    ndim = 64
+    key = "s@" + ".".join(["0"] * ndim) if sharded else "x"
+    header = {key: {"dtype": "F32", "shape": [1] * ndim, "data_offsets": [0, 4]}}
+    extra = {"shards": [["s", "F32", [1] * ndim, [[key, [0] * ndim]]]]} if sharded else {}
+    store, ckpt = crafted_store(header, np.float32(1.5).tobytes(), ["a", "s" if sharded else "x"], **extra)
+    if only_checkpoint_errors(lambda: load_checkpoint(store, ckpt)) == "ok":
+        got = load_checkpoint(store, ckpt)[0]
+        assert got.shape == (1,) * ndim and got.item() == 1.5
+
+    def read() -> None:
+        with checkpointer.open(store.url_of(ckpt)) as reader:
+            assert reader.tensor(key).shape == (1,) * ndim
+
+    only_checkpoint_errors(read)
+    mgr = checkpointer.CheckpointManager(store.url)  # opens, whatever the folder holds
+    assert [c.name for c in mgr.checkpoints] in ([ckpt], [])

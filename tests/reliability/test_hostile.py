@@ -1,4 +1,6 @@
-"""Hostile files, fuzzed: the safetensors header parser, the manifest decoder and a full load.
+"""Hostile files, fuzzed: the safetensors header parser (small inputs, and up to 64 KiB),
+the manifest decoder and a full load. The shapes of real checkpoints (shards, block
+checksums, hundreds of leaves, every entry point) are fuzzed in ``test_fuzz_shapes.py``.
 
 Every input must end in a value or a ``CheckpointError`` subclass: never another exception,
 never a hang (hypothesis deadline), never an allocation beyond a few MB (tracemalloc peak
@@ -7,6 +9,8 @@ per case). Hand-crafted attacker files are in ``test_crafted.py``.
 
 from __future__ import annotations
 
+import io
+import struct
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +25,8 @@ from _hostile import (
     bounded_memory,
     frame,
     framed_header,
+    mutations,
+    noise_blobs,
     only_checkpoint_errors,
     parse_header,
 )
@@ -28,6 +34,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import checkpointer
+from checkpointer import format as fmt
+from checkpointer.dtypes import SAFETENSORS_TO_NUMPY
 from checkpointer.frame import decode_framed
 from checkpointer.load import load_checkpoint
 from checkpointer.manifest import MANIFEST_MAGIC, MANIFEST_NAME
@@ -41,29 +49,6 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 COUNTS: Counter[str] = Counter()
-
-
-def mutations(base: bytes) -> st.SearchStrategy[bytes]:
-    """``base`` with a few bytes overwritten, inserted or deleted."""
-    edit = st.tuples(
-        st.sampled_from(["set", "ins", "del"]),
-        st.integers(0, len(base)),
-        st.binary(min_size=1, max_size=4),
-    )
-
-    def apply(edits: list[tuple[str, int, bytes]]) -> bytes:
-        out = bytearray(base)
-        for kind, pos, blob in edits:
-            pos = min(pos, len(out))
-            if kind == "set":
-                out[pos : pos + len(blob)] = blob
-            elif kind == "ins":
-                out[pos:pos] = blob
-            else:
-                del out[pos : pos + len(blob)]
-        return bytes(out)
-
-    return st.lists(edit, min_size=1, max_size=4).map(apply)
 
 
 json_scalars = st.one_of(
@@ -126,6 +111,41 @@ def test_fuzz_safetensors_header() -> None:
         )
         def case(data: bytes) -> None:
             COUNTS["fuzz cases: safetensors header"] += 1
+            run(lambda: parse_header(data))
+
+        case()
+
+
+def _large_file() -> bytes:
+    """A data file the engine's writer made, of 400 tensors of every allow-listed dtype:
+    a 30 KiB header."""
+    codes = sorted(SAFETENSORS_TO_NUMPY)
+    buf = io.BytesIO()
+    fmt.write_safetensors(buf, "data-00000.safetensors", [
+        (f"layers/{i}/{codes[i % len(codes)]}", np.zeros((i % 3, 2), SAFETENSORS_TO_NUMPY[codes[i % len(codes)]]))
+        for i in range(400)])
+    return buf.getvalue()
+
+
+LARGE = _large_file()
+
+
+def test_fuzz_large_safetensors_headers() -> None:
+    """Headers up to 64 KiB and beyond: a real 400-tensor header with bytes edited and
+    ranges copied, noise, and random headers of up to 64 entries."""
+    with bounded_memory() as run:
+
+        @settings(FUZZ, max_examples=300)
+        @given(st.one_of(
+            mutations(LARGE, grow=8 << 10),
+            noise_blobs(),
+            noise_blobs().map(lambda blob: struct.pack("<Q", len(blob)) + blob),
+            st.builds(framed_header, st.dictionaries(st.text(max_size=12), tensor_entries, max_size=64),
+                      st.binary(max_size=256), st.none()),
+        ))
+        def case(data: bytes) -> None:
+            COUNTS["fuzz cases: large safetensors headers"] += 1
+            COUNTS["fuzz cases: large safetensors headers over 16 KiB"] += len(data) > 16 << 10
             run(lambda: parse_header(data))
 
         case()
