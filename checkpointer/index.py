@@ -21,7 +21,7 @@ from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .owners import new_owner, release_owner
 from .storage import Store
 
-__all__ = ["Entry", "settings_key", "INDEX_NAME", "load_entries", "write_index", "forget_index", "entry_from_manifest",
+__all__ = ["Entry", "settings_key", "INDEX_NAME", "load_entries", "write_index", "write_index_quietly", "forget_index", "entry_from_manifest",
            "read_index_meta", "encode_entry", "decode_entry"]
 
 log = logging.getLogger("checkpointer")
@@ -121,6 +121,14 @@ def write_index(store: Store, entries: list[Entry], config: dict[str, Any] | Non
             release_owner(owner)
     else:
         store.put_bytes(INDEX_NAME, blob)
+
+
+def write_index_quietly(store: Store, entries: list[Entry], config: dict[str, Any]) -> None:
+    """:func:`write_index`, a failure only logged: the index is a cache, the manifests the truth."""
+    try:
+        write_index(store, entries, config)
+    except CheckpointError as exc:
+        log.warning("could not write the index: %s", exc)
 
 
 def forget_index(store: Store) -> None:

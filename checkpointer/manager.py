@@ -21,8 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -31,9 +30,9 @@ from .async_save import AsyncWriter
 from .distributed import Coordinator, background_coordinator, detect_coordinator, run_on_primary
 from .errors import CheckpointError, ConfigurationError, StorageError
 from .hints import unknown_options
-from .index import Entry, load_entries, read_index_meta, settings_key, write_index
+from .index import Entry, load_entries, read_index_meta, settings_key, write_index_quietly
 from .info import Checkpoint, CheckpointInfo
-from .monitor import Monitor, optional_monitor
+from .monitor import optional_monitor
 from .plan import (
     CheckpointWarning,
     Planner,
@@ -48,10 +47,11 @@ from .plan import (
     restore_order,
     warn_no_step_schedule,
 )
+from .preemption import DEFAULT_SIGNALS, PREEMPTION, Preemption
 from .restoring import load_first
 from .retention import Retention, best_record
-from .schedule import Schedule
-from .storage import Store, open_store
+from .schedule import Schedule, warn_if_dated_ahead
+from .storage import open_store
 from .tree import flatten, resolve_state, specs_from_template
 from .version import LIBRARY
 
@@ -86,7 +86,8 @@ class CheckpointManager:
         keep_every_seconds: float | None = None, filename: str | None = None, nan_policy: str = "worst", async_save: bool = False,
         storage_options: dict[str, Any] | None = None, clock: Callable[[], float] = _WALL_CLOCK,
         filesystem: Any = None, max_file_bytes: int = commit.DEFAULT_MAX_FILE_BYTES,
-        coordinator: Coordinator | None = None, **unknown: Any,
+        coordinator: Coordinator | None = None, save_on_preemption: bool = False,
+        preemption_signals: Sequence[str | int] = DEFAULT_SIGNALS, **unknown: Any,
     ) -> None:
         if unknown:  # a typo or another library's name (max_to_keep): say which is meant
             raise unknown_options("CheckpointManager", unknown, CheckpointManager.__init__)
@@ -122,7 +123,9 @@ class CheckpointManager:
         self._entries = run_on_primary(self._coord, self._open_directory, encode_scored,
                                        self._decode_entries)
         if every_seconds is not None:
-            _warn_if_dated_ahead(self._entries, clock())
+            warn_if_dated_ahead([(e.info.name, e.info.time) for e in self._entries], clock(),
+                                CheckpointWarning)
+        self._preempt = Preemption(save_on_preemption, preemption_signals)  # last: it installs handlers
 
     def _open_directory(self) -> list[Scored]:
         listing = self._store.list_files()
@@ -176,8 +179,8 @@ class CheckpointManager:
         ``state`` may be a zero-argument callable, called only when a save happens.
         Returns the new checkpoint's info, or ``None`` (the reason is logged).
         """
-        decide = partial(self._decide, partial(self._schedule.at_epoch, epoch), f"epoch {epoch}")
-        return self._run(partial(decide, step, epoch, metrics), state)
+        return self._save_point(partial(self._schedule.at_epoch, epoch), f"epoch {epoch}", step,
+                                epoch, metrics, state)
 
     def step_end(self, step: int, state: Any, *,
                  metrics: dict[str, Any] | None = None) -> CheckpointInfo | None:
@@ -185,24 +188,54 @@ class CheckpointManager:
         without ``every_n_steps`` or ``every_seconds`` never does: warned once)."""
         if self._warn_steps:  # once: nothing in the schedule can fire at a step
             self._warn_steps = warn_no_step_schedule(step)
-        decide = partial(self._decide, partial(self._schedule.at_step, step), f"step {step}")
-        return self._run(partial(decide, step, None, metrics), state)
+        return self._save_point(partial(self._schedule.at_step, step), f"step {step}", step, None,
+                                metrics, state)
 
     def save(self, state: Any, *, step: int | None = None, epoch: int | None = None,
              metrics: dict[str, Any] | None = None) -> CheckpointInfo:
         """Save now, whatever the schedule and ``save_best_only``; ranked and retained as usual."""
-        info = self._run(partial(self._decide, None, "save", step, epoch, metrics), state)
+        info = self._save_point(None, "save", step, epoch, metrics, state)
         assert info is not None
         return info
 
+    @property
+    def preempted(self) -> bool:
+        """A preemption save has committed: the training loop should stop (later save points
+        return that checkpoint's info without saving again)."""
+        return self._preempt.done is not None
+
+    def request_preemption(self) -> None:
+        """The same as receiving a preemption signal: the next save point saves, whatever the
+        schedule says, and sets :attr:`preempted` (several processes without
+        ``save_on_preemption``: call it on every rank at the same step)."""
+        self._preempt.request()
+
+    def _save_point(self, schedule: Callable[[float, float], str | None] | None, where: str,
+                    step: int | None, epoch: int | None, metrics: dict[str, Any] | None,
+                    state: Any) -> CheckpointInfo | None:
+        """A preemption notice (any rank's) turns this point into a forced save that waits
+        until it has committed; after it, every point returns its info."""
+        if self._preempt.done is not None:
+            return self._preempt.done
+        notice = self._preempt.notice(self._coord)
+        forced = None if notice is None else f"{PREEMPTION} ({notice})"
+        plan, info = self._run(partial(self._decide, None if forced else schedule, where, step,
+                                       epoch, metrics, forced), state)
+        if plan is None or not plan.reason.startswith(PREEMPTION):
+            return info
+        self.wait()  # committed, also with async_save, before the loop is told to stop
+        self._preempt.done = next((s.info for s in self._entries if s.info.name == plan.name), info)
+        log.warning("%s: saved %s; training should stop", plan.reason, self._store.url_of(plan.name))
+        return self._preempt.done
+
     def _decide(self, schedule: Callable[[float, float], str | None] | None, where: str,
-                step: int | None, epoch: int | None, metrics: dict[str, Any] | None
-                ) -> SavePlan | None:
-        """The schedule (``None``: an explicit save, forced), then the planner."""
+                step: int | None, epoch: int | None, metrics: dict[str, Any] | None,
+                forced: str | None = None) -> SavePlan | None:
+        """The schedule (``None``: an explicit or ``forced`` save), then the planner."""
         if self._async is not None:
             self._async.raise_error()
         now = self._tick()
-        reason = "an explicit save" if schedule is None else schedule(self._last_started, now)
+        reason = forced or ("an explicit save" if schedule is None else schedule(self._last_started, now))
         if reason is None:
             log.debug("%s: not a save point", where)
             return None
@@ -212,15 +245,16 @@ class CheckpointManager:
             self._async.wait()  # several ranks: the previous save's error is everyone's, raised here
         return plan
 
-    def _run(self, decide: Callable[[], SavePlan | None], state: Any) -> CheckpointInfo | None:
+    def _run(self, decide: Callable[[], SavePlan | None], state: Any
+             ) -> tuple[SavePlan | None, CheckpointInfo | None]:
         """Decide (on rank 0 when there are several), then execute."""
         if self._coord.world_size == 1:
             plan = decide()
-            return None if plan is None else self._execute(plan, state)
+            return plan, None if plan is None else self._execute(plan, state)
         if self._bg_released:  # saving again after close(): every rank is here too
             self._bg, self._bg_released = background_coordinator(self._coord), False
         plan = run_on_primary(self._coord, decide, encode_plan, decode_plan)
-        return None if plan is None else self._execute_with_ranks(plan, state)
+        return plan, None if plan is None else self._execute_with_ranks(plan, state)
 
     def _execute(self, plan: SavePlan, state: Any) -> CheckpointInfo:
         """Write now, or snapshot and write in the background (the info returned then has
@@ -294,7 +328,9 @@ class CheckpointManager:
         return [(s.info, bool(why[s.info.name]), why[s.info.name]) for s in self._entries]
 
     def _write_index_quietly(self) -> None:
-        _write_index(self._store, self._entries, self._monitor, self._kept_config)
+        config = self._kept_config if self._monitor is None else {
+            "monitor": self._monitor.metric, "mode": self._monitor.mode}
+        write_index_quietly(self._store, [s.entry for s in self._entries], config)
 
     # -- restore ----------------------------------------------------------------------
 
@@ -349,6 +385,7 @@ class CheckpointManager:
         processes, call it before the process group is destroyed."""
         if self._async is not None:
             collective.on_every_rank(self._coord, self._async.close)
+        self._preempt.close()
         if self._bg is not None:  # every rank's writer is done with it: release it
             bg, self._bg, self._bg_released = self._bg, None, True
             getattr(bg, "close", lambda: None)()
@@ -359,24 +396,3 @@ class CheckpointManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _write_index(store: Store, entries: list[Scored], monitor: Monitor | None,
-                 kept: dict[str, str]) -> None:
-    try:
-        config = kept if monitor is None else {"monitor": monitor.metric, "mode": monitor.mode}
-        write_index(store, [s.entry for s in entries], config)
-    except CheckpointError as exc:  # the index is a cache; the manifests are the truth
-        log.warning("could not write the index: %s", exc)
-
-
-def _warn_if_dated_ahead(entries: list[Scored], now: float) -> None:
-    """Say when a checkpoint is dated in the future (clock skew between writers): the
-    every_seconds timer runs on this process's own clock, so it does not stall on it."""
-    ahead = [s for s in entries if s.info.time > now + 1.0]
-    if ahead:
-        newest = max(ahead, key=lambda s: s.info.time)
-        msg = (f"{len(ahead)} checkpoint(s) are dated in the future ({newest.info.name} by "
-               f"{newest.info.time - now:.0f} s): clock skew between writers? The every_seconds "
-               "timer counts on this process's own clock from now")
-        log.warning(msg)
-        warnings.warn(msg, CheckpointWarning, stacklevel=3)

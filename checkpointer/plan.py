@@ -114,8 +114,8 @@ class Planner:
         msg = (f"monitored metric {mon.metric!r} is missing from the metrics "
                f"({sorted(metrics or {})}){'; ' + hint if hint else ''}; this save point is not ranked")
         log.warning(msg)
-        # 6: past plan, the manager's _decide, _run and public method: at its caller
-        warnings.warn(msg, CheckpointWarning, stacklevel=6)
+        # 7: past plan, the manager's _decide, _run, _save_point and public method: at its caller
+        warnings.warn(msg, CheckpointWarning, stacklevel=7)
         return Score(None, f"{mon.metric!r} is missing") if self.save_best_only else score
 
 
@@ -313,7 +313,7 @@ def _not_improved(where: str, monitor: Monitor, value: float | None, best: float
                "improves (save_best_only=True); pass nan_policy='raise' to stop on it, or "
                "nan_policy='skip' to skip such save points quietly")
         log.warning(msg)
-        warnings.warn(msg, CheckpointWarning, stacklevel=6)  # as in Planner.score
+        warnings.warn(msg, CheckpointWarning, stacklevel=7)  # as in Planner.score
         return
     beaten = [f"the best so far ({best})"] if best is not None and math.isfinite(best) else []
     if monitor.initial_value_threshold is not None:

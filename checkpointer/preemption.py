@@ -18,12 +18,15 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
+from .distributed import Coordinator, pack, unpack
 from .errors import ConfigurationError
+from .info import CheckpointInfo
 
-__all__ = ["PreemptionWatch", "DEFAULT_SIGNALS", "signal_number"]
+__all__ = ["Preemption", "PreemptionWatch", "DEFAULT_SIGNALS", "signal_number", "PREEMPTION"]
 
 log = logging.getLogger("checkpointer")
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
+PREEMPTION = "preemption"  # how a preemption save's reason starts
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
@@ -59,7 +62,7 @@ class PreemptionWatch:
         if isinstance(signals, (str, int)):
             signals = (signals,)
         nums = list(dict.fromkeys(signal_number(s) for s in signals))
-        if threading.current_thread() is not threading.main_thread():
+        if nums and threading.current_thread() is not threading.main_thread():
             raise ConfigurationError(
                 "save_on_preemption=True installs signal handlers, which Python allows only on "
                 "the main thread: build the manager there (or pass preemption_signals=() and "
@@ -95,3 +98,44 @@ class PreemptionWatch:
             except ValueError:  # not the main thread: the handler stays, and only sets a flag
                 log.warning("could not restore the handler of %s outside the main thread", num.name)
         self._previous = {}
+
+
+class Preemption:
+    """A manager's preemption state: the watch (with ``save_on_preemption``), a notice asked
+    for by :meth:`request`, and the info of the preemption save once it has committed.
+
+    With several processes and a watch, :meth:`notice` gathers every rank's notice on rank 0
+    at each save point (one small collective), so a signal on any rank preempts all of them
+    at the same call.
+    """
+
+    def __init__(self, enabled: bool, signals: Sequence[str | int | signal.Signals]) -> None:
+        if not isinstance(enabled, bool):
+            raise ConfigurationError(f"save_on_preemption must be True or False, got {enabled!r}")
+        self.watch = PreemptionWatch(signals) if enabled else None
+        self.asked: str | None = None
+        self.done: CheckpointInfo | None = None  # the preemption save, once committed
+
+    def request(self) -> None:
+        """As if a preemption signal had arrived (a cloud notice watcher, a test)."""
+        self.asked = self.asked or "requested"
+
+    def local(self) -> str | None:
+        """This process's notice, if any: the signal's name, or "requested"."""
+        return (self.watch.requested if self.watch is not None else None) or self.asked
+
+    def notice(self, coord: Coordinator) -> str | None:
+        """The notice to act on here: this process's, or (several processes with a watch)
+        the first of every rank's, on rank 0 (the others learn it from rank 0's plan)."""
+        mine = self.local()
+        if coord.world_size == 1 or self.watch is None:
+            return mine
+        rows = coord.gather_bytes(pack(mine))
+        if rows is None:
+            return mine
+        return next((n for n in map(unpack, rows) if isinstance(n, str)), None)
+
+    def close(self) -> None:
+        """Put the previous signal handlers back."""
+        if self.watch is not None:
+            self.watch.close()

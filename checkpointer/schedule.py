@@ -6,11 +6,16 @@ save (taken from the checkpoints on storage), so a resumed run needs no saved st
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigurationError
 
-__all__ = ["Schedule"]
+__all__ = ["Schedule", "warn_if_dated_ahead"]
+
+log = logging.getLogger("checkpointer")
 
 
 def _check_count(name: str, value: object) -> None:
@@ -58,3 +63,17 @@ class Schedule:
         if self.every_n_steps is not None and step % self.every_n_steps == 0:
             return f"step {step} is a multiple of every_n_steps={self.every_n_steps}"
         return self._timer(since, now)
+
+
+def warn_if_dated_ahead(times: Sequence[tuple[str, float]], now: float, category: type[Warning]) -> None:
+    """Say when checkpoints (``(name, time)``) are dated in the future (clock skew between
+    writers): the every_seconds timer runs on this process's own clock, so it does not
+    stall on them."""
+    ahead = [(t, n) for n, t in times if t > now + 1.0]
+    if ahead:
+        t, name = max(ahead)
+        msg = (f"{len(ahead)} checkpoint(s) are dated in the future ({name} by {t - now:.0f} s): "
+               "clock skew between writers? The every_seconds timer counts on this process's "
+               "own clock from now")
+        log.warning(msg)
+        warnings.warn(msg, category, stacklevel=3)

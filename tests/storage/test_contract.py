@@ -273,7 +273,7 @@ def test_index_stale_for_a_replaced_name(backend: Any, monkeypatch: pytest.Monke
     def die(*args: Any, **kwargs: Any) -> None:
         raise _Died()
 
-    monkeypatch.setattr("checkpointer.manager.write_index", die)
+    monkeypatch.setattr("checkpointer.index.write_index", die)
     with pytest.raises(_Died):  # the run dies after the commit, before rewriting the index
         mgr.epoch_end(2, _state(2.0), metrics={"val_loss": 0.2})
     monkeypatch.undo()
