@@ -10,7 +10,7 @@ import pytest
 
 import checkpointer
 from checkpointer import CheckpointManager
-from checkpointer.errors import ChecksumMismatchError, CheckpointNotFoundError, TruncatedFileError
+from checkpointer.errors import CheckpointNotFoundError, ChecksumMismatchError, TruncatedFileError
 from checkpointer.load import load_checkpoint, verify_checkpoint
 from checkpointer.manifest import read_manifest
 from checkpointer.replica import copy_checkpoint
