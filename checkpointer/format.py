@@ -4,9 +4,20 @@ Writing streams each file: the header is computed from shapes and dtypes alone, 
 array's bytes go straight from its memory to the destination while crc32c runs once over
 the same buffer (the file checksum is chained from the tensor checksums, see
 :func:`write_safetensors`). Reading a header is hostile-input safe: every size is capped and
-checked against the real file length before anything is allocated, offsets must tile the
-data exactly, dtypes are allow-listed, keys unique. The manifest beside the data files is
-:mod:`checkpointer.manifest`'s; reading tensor bytes is :mod:`checkpointer.reading`'s.
+checked against the real file length before anything is allocated, the objects the JSON
+would become must fit :func:`header_budget` before it is parsed (:func:`header_memory`),
+offsets must tile the data exactly, dtypes are allow-listed, keys unique. The manifest
+beside the data files is :mod:`checkpointer.manifest`'s; reading tensor bytes is
+:mod:`checkpointer.reading`'s.
+
+The header's memory rule mirrors the manifest's (:mod:`checkpointer.frame`): at most
+``HEADER_MEMORY_PER_BYTE`` (48) bytes of objects per byte of JSON, plus 64 MiB. A JSON
+byte can become 24 to 36 bytes of objects (``{},`` is a 64-byte dict, ``"ab":{},`` a key,
+a dict and their entries), so a 32 MiB header of empty objects took 1 GiB before this
+rule. The estimate counts the characters that open containers and end values and keys,
+each charged the most its object can take (those inside strings too: a key made of
+brackets counts as structure): a header as the engine writes it is estimated at 25 to 41
+bytes per byte (7 to 11 really, measured with tracemalloc), in about 1 ms per MiB.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import numpy as np
 from .checksum import block_crcs, crc32c
 from .dtypes import numpy_to_safetensors, safetensors_to_numpy
 from .errors import (
+    CheckpointError,
     DuplicateKeyError,
     HeaderError,
     HeaderTooLargeError,
@@ -30,12 +42,14 @@ from .errors import (
     TruncatedFileError,
     UnsupportedDtypeError,
 )
+from .frame import MEMORY_FLOOR
 from .manifest import MAX_NDIM, FileRow, TensorRow
 
-__all__ = ["BLOCK_BYTES", "MAX_HEADER_BYTES", "HeaderEntry", "write_safetensors", "read_header", "raw_bytes",
-           "read_exact"]
+__all__ = ["BLOCK_BYTES", "MAX_HEADER_BYTES", "HEADER_MEMORY_PER_BYTE", "HeaderEntry", "write_safetensors",
+           "read_header", "header_memory", "header_budget", "raw_bytes", "read_exact"]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+HEADER_MEMORY_PER_BYTE = 48
 BLOCK_BYTES = 4 << 20  # block of the per-block checksums of pieces (see TensorRow.blocks)
 _SMALL = 1 << 16
 
@@ -160,6 +174,48 @@ def read_exact(f: BinaryIO, n: int, where: str) -> bytes:
     return data
 
 
+def header_budget(nbytes: int) -> int:
+    """The most memory the parsed objects of a header of ``nbytes`` bytes may take."""
+    return HEADER_MEMORY_PER_BYTE * nbytes + MEMORY_FLOOR
+
+
+# What each structural JSON character stands for, from above (CPython 3.10+, 64-bit):
+# "{" a dict (192) and the list of its pairs while it is parsed (112); "[" a list and its
+# growth (112); ":" a key: the pair (64), its slot (16), the dict's entry (40), json's memo
+# of keys (48), the set that looks for a duplicate (32); "," "]" "}" the end of a value: an
+# int (48 at most) or float, and its slot (16); '"' half of an str (112 each, characters apart).
+_JSON_COST = np.zeros(256, dtype=np.int64)
+for _ch, _cost in (("{", 304), ("[", 112), (":", 200), (",", 64), ("]", 64), ("}", 64), ('"', 56)):
+    _JSON_COST[ord(_ch)] = _cost
+_CHUNK = 1 << 16
+
+
+def _json_structure(raw: bytes) -> int:
+    data = np.frombuffer(raw, dtype=np.uint8)
+    return sum(int(np.bincount(data[i:i + _CHUNK], minlength=256) @ _JSON_COST)  # small temporaries
+               for i in range(0, len(data), _CHUNK))
+
+
+def header_memory(raw: bytes) -> int:
+    """An upper bound of the memory that parsing the JSON ``raw`` takes: the decoded text,
+    then its objects, estimated from the structural characters (also those inside keys:
+    a header whose keys are made of brackets is estimated as if they were structure)."""
+    wide = not raw.isascii() or b"\\" in raw  # then an str may take 4 bytes per character
+    text = (80 + 4 * len(raw)) if wide else 49 + len(raw)
+    return 64 + text + (4 if wide else 1) * len(raw) + _json_structure(raw)  # slot, text, strs' characters
+
+
+def _parse_json(raw: bytes, where: str) -> Any:
+    if (need := header_memory(raw)) > header_budget(len(raw)):
+        raise HeaderError(f"{where}: its {len(raw)}-byte header would parse to over {need} bytes of "
+                          f"objects, more than the {HEADER_MEMORY_PER_BYTE} bytes per byte "
+                          f"(+{MEMORY_FLOOR >> 20} MiB) any real header takes")
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs_no_dupes(where))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, int digit limit
+        raise HeaderError(f"{where}: header is not valid JSON ({exc})") from None
+
+
 def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEntry], int]:
     """Parse and validate the safetensors header of ``f`` (positioned at 0).
 
@@ -167,7 +223,8 @@ def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEnt
     prefix included), from which :func:`checkpointer.reading.read_tensors` continues the file checksum.
 
     Raises the specific :class:`HeaderError` / :class:`TruncatedFileError` /
-    :class:`TrailingDataError` for each rule broken.
+    :class:`TrailingDataError` for each rule broken, and :class:`CheckpointError` when
+    the memory for a header within its budget ran out.
     """
     if file_size < 8:
         raise TruncatedFileError(f"{where}: {file_size} bytes, too short for a header")
@@ -177,17 +234,17 @@ def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEnt
         raise HeaderTooLargeError(f"{where}: header claims {n} bytes (cap {MAX_HEADER_BYTES})")
     if n > file_size - 8:
         raise TruncatedFileError(f"{where}: header claims {n} bytes, file has {file_size - 8}")
-    raw = read_exact(f, n, where)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs_no_dupes(where))
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, int digit limit
-        raise HeaderError(f"{where}: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise HeaderError(f"{where}: header is not a JSON object")
-    header.pop("__metadata__", None)
-    base = 8 + n
-    entries = [_header_entry(k, v, base, where) for k, v in header.items()]
-    entries.sort(key=lambda e: (e.begin, e.end))
+        raw = read_exact(f, n, where)
+        header = _parse_json(raw, where)
+        if not isinstance(header, dict):
+            raise HeaderError(f"{where}: header is not a JSON object")
+        header.pop("__metadata__", None)
+        base = 8 + n
+        entries = [_header_entry(k, v, base, where) for k, v in header.items()]
+        entries.sort(key=lambda e: (e.begin, e.end))
+    except MemoryError:
+        raise CheckpointError(f"{where}: not enough memory to parse its {n}-byte header") from None
     pos = base
     for e in entries:
         if e.begin != pos:

@@ -11,7 +11,8 @@ it before its bytes are read (:mod:`checkpointer.reading`, the one read engine).
 - assemble: pieces into arrays or requested boxes, then the tree.
 
 :func:`verify_checkpoint` checks every checksum without keeping any data: its memory does
-not grow with the checkpoint.
+not grow with the checkpoint. A load that runs out of memory raises a CheckpointError saying
+so (:func:`~checkpointer.reading.memory_guard`), never a ``MemoryError``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import numpy as np
-
 from .errors import ChecksumMismatchError, ManifestError
 from .format import HeaderEntry
 from .gcpause import without_gc
 from .manifest import MANIFEST_NAME, Manifest, TensorRow, read_manifest
-from .reading import check_block_sum, open_checked, read_rows, read_tensors, verify_file
+from .reading import (
+    allocate,
+    check_block_sum,
+    memory_guard,
+    open_checked,
+    read_rows,
+    read_tensors,
+    verify_file,
+)
 from .reshard import BoxReads, pieces_needed, plan_box_reads, resolve_pieces
 from .sharding import ShardSpec
 from .storage import Store
@@ -57,16 +64,17 @@ def load_checkpoint(store: Store, name: str, *, verify: bool = True,
     back as :class:`~checkpointer.sharding.ShardedArray` holding just the requested boxes,
     and only the stored pieces overlapping them are read.
     """
-    manifest = read_manifest(store, name)
-    plan = _plan(manifest, specs or {}, verify)
-    arrays = _read(store, name, manifest, plan)
-    if verify:
-        _check_blocks(store, name, manifest, arrays, plan)
-    arrays = resolve_pieces(manifest, arrays, specs or {}, plan.boxes, plan.rows)
-    try:
-        return unflatten(manifest.tree, arrays), manifest
-    except ManifestError as exc:
-        raise ManifestError(f"{store.url_of(name)}/{MANIFEST_NAME}: {exc}") from None
+    with memory_guard(f"load {store.url_of(name)}"):
+        manifest = read_manifest(store, name)
+        plan = _plan(manifest, specs or {}, verify)
+        arrays = _read(store, name, manifest, plan)
+        if verify:
+            _check_blocks(store, name, manifest, arrays, plan)
+        arrays = resolve_pieces(manifest, arrays, specs or {}, plan.boxes, plan.rows)
+        try:
+            return unflatten(manifest.tree, arrays), manifest
+        except ManifestError as exc:
+            raise ManifestError(f"{store.url_of(name)}/{MANIFEST_NAME}: {exc}") from None
 
 
 def _plan(manifest: Manifest, specs: dict[str, ShardSpec], verify: bool) -> _Plan:
@@ -116,7 +124,7 @@ def _read_part(f: BinaryIO, where: str, e: HeaderEntry, row: TensorRow, manifest
         read_rows(f, where, e, plan.boxes.direct[e.key], check)
         return {}
     first, end = plan.rows[e.key]
-    out = np.empty((end - first, *e.shape[1:]), dtype=e.dtype)
+    out = allocate((end - first, *e.shape[1:]), e.dtype, where, f"rows of {e.key!r:.80}")
     read_rows(f, where, e, [(first, end, out)], check)  # copied into the boxes later
     return {e.key: out}
 
@@ -135,7 +143,13 @@ def verify_checkpoint(store: Store, name: str) -> Manifest:
 
     Raises:
         CorruptCheckpointError: (a subclass of) the first problem found, naming the file.
+        CheckpointError: not enough memory for the manifest (its data is streamed).
     """
+    with memory_guard(f"verify {store.url_of(name)}"):
+        return _verify(store, name)
+
+
+def _verify(store: Store, name: str) -> Manifest:
     manifest = read_manifest(store, name)
     for file, expected in zip(manifest.files, manifest.by_file().values(), strict=True):
         rel = f"{name}/{file.name}"

@@ -28,7 +28,7 @@ from .errors import ConfigurationError
 from .format import HeaderEntry
 from .load import load_checkpoint
 from .manifest import MANIFEST_NAME, Manifest, TensorRow, read_manifest
-from .reading import entry_of, open_data, read_tensors
+from .reading import entry_of, memory_guard, open_data, read_tensors
 from .storage import Store, open_store, split_url
 from .tree import unflatten
 
@@ -68,7 +68,8 @@ class CheckpointReader:
 
     def __init__(self, store: Store, name: str) -> None:
         self._store, self.name = store, name
-        self.manifest: Manifest = read_manifest(store, name)
+        with memory_guard(f"open {store.url_of(name)}"):
+            self.manifest: Manifest = read_manifest(store, name)
         self._sizes = {f.name: f.nbytes for f in self.manifest.files}
         self._tensors: dict[str, TensorRow] = {t.key: t for t in self.manifest.tensors}
         self._handles: dict[str, BinaryIO] = {}
@@ -99,9 +100,12 @@ class CheckpointReader:
     def tensor(self, key: str, *, verify: bool = True) -> np.ndarray:
         """Read tensor ``key`` alone into a fresh array, checking its crc32c unless told not to.
 
+        Allocates the tensor's own memory, nothing in proportion to the rest of the file.
+
         Raises:
             KeyError: no tensor ``key``.
             CorruptCheckpointError: (a subclass of) the data file or the bytes are bad.
+            CheckpointError: not enough memory for the tensor (the message says how much).
         """
         row = self._tensors[key]
         crc = {key: row.crc32c} if verify else None

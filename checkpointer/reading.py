@@ -11,11 +11,19 @@ and the header both vouch for. Three ways to read, one set of rules:
 
 A big tensor is checksummed chunk by chunk on the checksum helper thread while the next
 chunk is read (both release the GIL), so verification hides behind the reads.
+
+Memory: a read allocates what it returns and nothing in proportion to the rest of the
+file. When that memory is not there (a file's declared size is not its size on disk: a
+sparse file, or a limit on the process), the ``MemoryError`` becomes a
+:class:`~checkpointer.errors.CheckpointError` saying what needed how many bytes
+(:func:`allocate`, :func:`memory_guard`): a shortage of memory is not damage, so it is no
+``CorruptCheckpointError``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -26,6 +34,7 @@ import numpy as np
 from .checksum import chain_crc, crc32c, crc_of_blocks
 from .dtypes import safetensors_to_numpy
 from .errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
     InvalidOffsetsError,
@@ -38,13 +47,32 @@ from .manifest import FileRow, TensorRow
 from .storage import Store
 
 __all__ = ["open_checked", "open_data", "entry_of", "read_tensors", "read_rows", "verify_file",
-           "check_block_sum"]
+           "check_block_sum", "allocate", "memory_guard"]
 
 _OWN = 4 << 20
 _PIPELINE = 16 << 20
 _PIPE_CHUNK = 8 << 20
 _READ_CHUNK = 64 << 20
 _CHUNK = 8 << 20
+
+
+def allocate(shape: tuple[int, ...], dtype: np.dtype | type, where: str, what: str) -> np.ndarray:
+    """``np.empty(shape, dtype)``; when the memory is not there, a CheckpointError naming
+    ``what`` the memory was for and how many bytes it needed."""
+    try:
+        return np.empty(shape, dtype=dtype)
+    except MemoryError:
+        need = math.prod(shape) * np.dtype(dtype).itemsize
+        raise CheckpointError(f"{where}: not enough memory to read {what}: {need} bytes needed") from None
+
+
+@contextlib.contextmanager
+def memory_guard(what: str) -> Iterator[None]:
+    """A MemoryError inside becomes a CheckpointError: ``not enough memory to <what>``."""
+    try:
+        yield
+    except MemoryError:
+        raise CheckpointError(f"not enough memory to {what}") from None
 
 
 def _size_checked(store: Store, rel: str, nbytes: int) -> int:
@@ -113,11 +141,11 @@ def read_tensors(
     for run in _runs(entries):
         start, end = run[0].begin, run[-1].end
         if len(run) == 1 and end - start >= _OWN:
-            arr = np.empty(run[0].shape, dtype=run[0].dtype)
+            arr = allocate(run[0].shape, run[0].dtype, where, f"tensor {run[0].key!r:.80}")
             buf = raw_bytes(arr)
             out[run[0].key] = arr
         else:
-            arena = np.empty(end - start, dtype=np.uint8)
+            arena = allocate((end - start,), np.uint8, where, f"{len(run)} tensors from {run[0].key!r:.80}")
             buf = memoryview(arena)  # type: ignore[arg-type]
             for e in run:
                 out[e.key] = arena[e.begin - start:e.end - start].view(e.dtype).reshape(e.shape)
@@ -205,7 +233,7 @@ def read_rows(f: BinaryIO, where: str, e: HeaderEntry, rows: list[tuple[int, int
     for c0, c1 in covers:
         f.seek(e.begin + c0)
         pos = c0
-        for view in _cover_parts(c0, c1, dests):
+        for view in _cover_parts(c0, c1, dests, where):
             off = 0
             while off < len(view):
                 # chunks never straddle a block, so each block's crc is one chain
@@ -231,7 +259,8 @@ def read_rows(f: BinaryIO, where: str, e: HeaderEntry, rows: list[tuple[int, int
 
 
 
-def _cover_parts(c0: int, c1: int, dests: list[tuple[int, int, memoryview]]) -> list[memoryview]:
+def _cover_parts(c0: int, c1: int, dests: list[tuple[int, int, memoryview]], where: str
+                 ) -> list[memoryview]:
     """Where the bytes ``[c0, c1)`` of a tensor go, in order: the destinations' views, and
     scratch buffers for the bytes between or around them."""
     parts: list[memoryview] = []
@@ -240,12 +269,12 @@ def _cover_parts(c0: int, c1: int, dests: list[tuple[int, int, memoryview]]) -> 
         if b <= at or a >= c1:
             continue
         if a > at:
-            parts.append(memoryview(np.empty(a - at, dtype=np.uint8)))  # type: ignore[arg-type]
+            parts.append(memoryview(allocate((a - at,), np.uint8, where, "bytes to verify")))  # type: ignore[arg-type]
             at = a
         parts.append(view[at - a:min(b, c1) - a])
         at = min(b, c1)
     if at < c1:
-        parts.append(memoryview(np.empty(c1 - at, dtype=np.uint8)))  # type: ignore[arg-type]
+        parts.append(memoryview(allocate((c1 - at,), np.uint8, where, "bytes to verify")))  # type: ignore[arg-type]
     return parts
 
 
