@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import InsufficientMemoryError
 from .sharding import Shard, ShardedArray
 
 __all__ = ["AsyncWriter"]
@@ -222,7 +222,7 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
     try:
         raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
     except MemoryError as exc:
-        raise CheckpointError(
+        raise InsufficientMemoryError(
             f"cannot allocate {nbytes} bytes of staging memory for an async save: {exc} "
             "(free host memory, or save with async_save=False)"
         ) from exc

@@ -178,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, OSError) as exc:  # a user's mistake or the store's failure
         _error(exc, args)
         return 2
+    except MemoryError:  # what the library could not turn into an InsufficientMemoryError
+        print("checkpointer: error: not enough memory for this command", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import numpy as np
 
 from . import format as fmt
 from .errors import CheckpointError, StorageError
-from .frame import FRAME_BYTES
 from .gcpause import without_gc
 from .index import forget_index
 from .limits import HEADER_BUDGET, check_manifest_size, check_writable, header_bytes
@@ -176,7 +175,7 @@ def _write_files(store: Store, folder: str, prefix: str, work: _Work) -> tuple[C
     shards = work.shards if work.shards is not None else (
         merge_pieces(pieces, store.url_of(folder)) if pieces else ())
     blob = Manifest(work.skeleton, tuple(files), tuple(tensors), shards, fmt.BLOCK_BYTES, work.fields).encode()
-    check_manifest_size(store.url_of(folder), len(blob) - FRAME_BYTES)
+    check_manifest_size(store.url_of(folder), blob)
     # One put: on object stores the manifest object is the commit point and must appear
     # whole or not at all (a streamed write may show a partial or empty object midway).
     store.put_bytes(f"{folder}/{MANIFEST_NAME}", blob)

@@ -11,6 +11,7 @@ also from the built-in exception that fits, so ``except FileNotFoundError`` and
     ├── MetricError (ValueError)               a NaN/inf metric under nan_policy="raise"
     ├── CheckpointNotFoundError (FileNotFoundError)
     ├── StorageError (OSError)                 the store failed: disk full, network, fsync
+    ├── InsufficientMemoryError (MemoryError)  not enough memory to read or stage a checkpoint
     └── CorruptCheckpointError                 bytes on storage are not a valid checkpoint
         ├── ChecksumMismatchError              a checksum does not match the bytes
         ├── TruncatedFileError                 a file is shorter than it claims
@@ -36,6 +37,7 @@ __all__ = [
     "MetricError",
     "CheckpointNotFoundError",
     "StorageError",
+    "InsufficientMemoryError",
     "CorruptCheckpointError",
     "ChecksumMismatchError",
     "TruncatedFileError",
@@ -77,6 +79,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class StorageError(CheckpointError, OSError):
     """The storage backend failed (disk full, permission, network, fsync)."""
+
+
+class InsufficientMemoryError(CheckpointError, MemoryError):
+    """Not enough memory to read, decode or stage a checkpoint (the checkpoint is not at fault)."""
 
 
 class CorruptCheckpointError(CheckpointError):

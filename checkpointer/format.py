@@ -33,10 +33,10 @@ import numpy as np
 from .checksum import block_crcs, crc32c
 from .dtypes import numpy_to_safetensors, safetensors_to_numpy
 from .errors import (
-    CheckpointError,
     DuplicateKeyError,
     HeaderError,
     HeaderTooLargeError,
+    InsufficientMemoryError,
     InvalidOffsetsError,
     TrailingDataError,
     TruncatedFileError,
@@ -244,7 +244,7 @@ def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEnt
         entries = [_header_entry(k, v, base, where) for k, v in header.items()]
         entries.sort(key=lambda e: (e.begin, e.end))
     except MemoryError:
-        raise CheckpointError(f"{where}: not enough memory to parse its {n}-byte header") from None
+        raise InsufficientMemoryError(f"{where}: not enough memory to parse its {n}-byte header") from None
     pos = base
     for e in entries:
         if e.begin != pos:

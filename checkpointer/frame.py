@@ -42,8 +42,8 @@ import numpy as np
 
 from .checksum import crc32c
 from .errors import (
-    CheckpointError,
     ChecksumMismatchError,
+    InsufficientMemoryError,
     ManifestError,
     TrailingDataError,
     TruncatedFileError,
@@ -213,7 +213,7 @@ def decode_framed(data: bytes, magic: bytes, where: str, cap: int = MAX_BODY_BYT
     except ManifestError as exc:
         raise ManifestError(f"{where}: {exc}") from None
     except MemoryError:
-        raise CheckpointError(f"{where}: not enough memory to decode its {length} bytes") from None
+        raise InsufficientMemoryError(f"{where}: not enough memory to decode its {length} bytes") from None
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise ManifestError(f"{where}: undecodable msgpack ({exc})") from None
     return obj

@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import StateTreeError
 from .format import BLOCK_BYTES, MAX_HEADER_BYTES
+from .frame import FRAME_BYTES, MEMORY_PER_BYTE, memory_budget, memory_needed
 from .manifest import MAX_EXTENT, MAX_MANIFEST_BYTES, MAX_NDIM, Piece
 from .paths import render_path
 
@@ -79,12 +80,19 @@ def check_writable(where: str, skeleton: Any, arrays: Sequence[tuple[str, np.nda
                              f"the readers' cap ({_biggest(skeleton, len(arrays))})")
 
 
-def check_manifest_size(where: str, body_bytes: int) -> None:
-    """The finished manifest, measured before it is written (the estimate's safety net)."""
+def check_manifest_size(where: str, blob: bytes) -> None:
+    """The finished (framed) manifest, measured before it is written: its size (the
+    estimate's safety net) and the memory readers allow for decoding it."""
+    body_bytes = len(blob) - FRAME_BYTES
     if body_bytes > MAX_MANIFEST_BYTES:
         raise StateTreeError(f"{where}: the manifest takes {body_bytes} bytes, over the readers' "
                              f"cap of {MAX_MANIFEST_BYTES}: save fewer or shorter keys, or keep "
                              "large str/bytes values in arrays")
+    budget = memory_budget(body_bytes)
+    if memory_needed(blob, budget, FRAME_BYTES) > budget:
+        raise StateTreeError(f"{where}: the manifest would decode into more than {MEMORY_PER_BYTE} "
+                             "bytes of memory per byte, which readers refuse as hostile: store long "
+                             "lists of empty or tiny containers as arrays")
 
 
 def _packed_size(skeleton: Any) -> int:

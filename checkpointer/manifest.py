@@ -29,6 +29,7 @@ from .dtypes import ITEMSIZE
 from .errors import (
     CheckpointNotFoundError,
     DuplicateKeyError,
+    InsufficientMemoryError,
     InvalidOffsetsError,
     ManifestError,
     StateTreeError,
@@ -198,7 +199,11 @@ def read_manifest(store: Store, name: str) -> Manifest:
         raise CheckpointNotFoundError(f"{store.url_of(name)} is not a checkpoint (no manifest)") from None
     if size > MAX_MANIFEST_BYTES + FRAME_BYTES:
         raise ManifestError(f"{where}: {size} bytes, over the cap of {MAX_MANIFEST_BYTES}")
-    return parse(decode_framed(store.read_bytes(rel), MANIFEST_MAGIC, where, MAX_MANIFEST_BYTES), where)
+    try:
+        data = store.read_bytes(rel)
+    except MemoryError:
+        raise InsufficientMemoryError(f"{where}: not enough memory to read its {size} bytes") from None
+    return parse(decode_framed(data, MANIFEST_MAGIC, where, MAX_MANIFEST_BYTES), where)
 
 
 _REQUIRED: dict[str, type] = {"format": str, "version": int, "tree": list, "files": list, "tensors": list}

@@ -28,7 +28,7 @@ from .errors import ConfigurationError
 from .format import HeaderEntry
 from .load import load_checkpoint
 from .manifest import MANIFEST_NAME, Manifest, TensorRow, read_manifest
-from .reading import entry_of, memory_guard, open_data, read_tensors
+from .reading import checked_header, entry_of, memory_guard, open_data, read_tensors
 from .storage import Store, open_store, split_url
 from .tree import unflatten
 
@@ -73,6 +73,7 @@ class CheckpointReader:
         self._sizes = {f.name: f.nbytes for f in self.manifest.files}
         self._tensors: dict[str, TensorRow] = {t.key: t for t in self.manifest.tensors}
         self._handles: dict[str, BinaryIO] = {}
+        self._by_file = self.manifest.by_file()
 
     @property
     def url(self) -> str:
@@ -133,8 +134,15 @@ class CheckpointReader:
 
     def _handle(self, fname: str) -> BinaryIO:
         f = self._handles.get(fname)
-        if f is None:
-            f = self._handles[fname] = open_data(self._store, f"{self.name}/{fname}", self._sizes[fname])
+        if f is None:  # first use: its header must agree with the manifest, as for a load
+            rel = f"{self.name}/{fname}"
+            f = open_data(self._store, rel, self._sizes[fname])
+            try:
+                checked_header(f, self._sizes[fname], self._by_file[fname], self._store.url_of(rel))
+            except BaseException:
+                f.close()
+                raise
+            self._handles[fname] = f
         return f
 
     def close(self) -> None:

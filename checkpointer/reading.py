@@ -34,9 +34,9 @@ import numpy as np
 from .checksum import chain_crc, crc32c, crc_of_blocks
 from .dtypes import safetensors_to_numpy
 from .errors import (
-    CheckpointError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
+    InsufficientMemoryError,
     InvalidOffsetsError,
     ManifestError,
     TrailingDataError,
@@ -46,7 +46,7 @@ from .format import HeaderEntry, raw_bytes, read_header
 from .manifest import FileRow, TensorRow
 from .storage import Store
 
-__all__ = ["open_checked", "open_data", "entry_of", "read_tensors", "read_rows", "verify_file",
+__all__ = ["open_checked", "checked_header", "open_data", "entry_of", "read_tensors", "read_rows", "verify_file",
            "check_block_sum", "allocate", "memory_guard"]
 
 _OWN = 4 << 20
@@ -63,16 +63,19 @@ def allocate(shape: tuple[int, ...], dtype: np.dtype | type, where: str, what: s
         return np.empty(shape, dtype=dtype)
     except MemoryError:
         need = math.prod(shape) * np.dtype(dtype).itemsize
-        raise CheckpointError(f"{where}: not enough memory to read {what}: {need} bytes needed") from None
+        raise InsufficientMemoryError(f"{where}: not enough memory to read {what}: {need} bytes needed") from None
 
 
 @contextlib.contextmanager
 def memory_guard(what: str) -> Iterator[None]:
-    """A MemoryError inside becomes a CheckpointError: ``not enough memory to <what>``."""
+    """A MemoryError inside becomes an InsufficientMemoryError: ``not enough memory to
+    <what>`` (one raised inside already, saying how many bytes, passes unchanged)."""
     try:
         yield
+    except InsufficientMemoryError:
+        raise
     except MemoryError:
-        raise CheckpointError(f"not enough memory to {what}") from None
+        raise InsufficientMemoryError(f"not enough memory to {what}") from None
 
 
 def _size_checked(store: Store, rel: str, nbytes: int) -> int:
@@ -102,12 +105,20 @@ def open_checked(store: Store, rel: str, file: FileRow, expected: Mapping[str, T
     where = store.url_of(rel)
     size = _size_checked(store, rel, file.nbytes)
     with store.open_read(rel) as f:
-        entries, head_crc = read_header(f, size, where)
-        if len(entries) != len(expected) or any(
-                (t := expected.get(e.key)) is None or t.dtype != e.code or t.begin != e.begin
-                or t.end != e.end or t.shape != e.shape for e in entries):
-            raise ManifestError(f"{where}: tensors in the file disagree with the manifest")
+        entries, head_crc = checked_header(f, size, expected, where)
         yield f, entries, head_crc
+
+
+def checked_header(f: BinaryIO, size: int, expected: Mapping[str, TensorRow], where: str
+                   ) -> tuple[list[HeaderEntry], int]:
+    """The header of an open data file, which must list exactly the ``expected`` rows
+    (dtype, shape and byte range each): (entries, header crc)."""
+    entries, head_crc = read_header(f, size, where)
+    if len(entries) != len(expected) or any(
+            (t := expected.get(e.key)) is None or t.dtype != e.code or t.begin != e.begin
+            or t.end != e.end or t.shape != e.shape for e in entries):
+        raise ManifestError(f"{where}: tensors in the file disagree with the manifest")
+    return entries, head_crc
 
 
 def entry_of(row: TensorRow, file_nbytes: int, where: str) -> HeaderEntry:

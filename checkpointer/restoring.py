@@ -14,7 +14,7 @@ from typing import Any
 
 from . import collective
 from .distributed import Coordinator
-from .errors import CheckpointError
+from .errors import CheckpointError, InsufficientMemoryError
 from .hints import restore_not_found
 from .info import Checkpoint, CheckpointInfo
 from .load import load_checkpoint
@@ -50,8 +50,8 @@ def load_first(store: Store, coord: Coordinator, which: str | int, candidates: S
         if error is None:
             log.info("restored %s", entry.info.url)
             return Checkpoint(entry.info, tree)
-        if not (fallback and can_fall_back):
-            raise error
+        if not (fallback and can_fall_back) or isinstance(error, InsufficientMemoryError):
+            raise error  # a memory shortage is not the checkpoint's fault: no fallback
         msg = f"checkpoint {entry.info.url} is broken ({error}); falling back"
         log.warning(msg)
         warnings.warn(msg, CheckpointWarning, stacklevel=3)  # at restore's caller

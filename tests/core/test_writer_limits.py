@@ -102,3 +102,37 @@ def test_integer_metrics_at_the_edges_round_trip(tmp_path: Path) -> None:
     again = CheckpointManager(tmp_path, monitor="n", mode="max")
     assert again.latest is not None and again.latest.metrics == {"n": 2**64 - 1, "m": -(2**63)}
     assert again.best == again.latest
+
+
+def test_a_manifest_readers_would_refuse_as_a_memory_flood_is_refused(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from checkpointer import frame
+
+    monkeypatch.setattr(frame, "MEMORY_FLOOR", 0)  # the flood at a test's size
+    with pytest.raises(StateTreeError, match="per byte"):
+        checkpointer.save(tmp_path / "flood", {"w": np.zeros(2), "l": [[] for _ in range(20_000)]})
+    assert not (tmp_path / "flood").exists()
+    state = {"w": np.arange(10), "cfg": {"lr": 0.1, "name": "run", "layers": [64, 64]}}
+    checkpointer.save(tmp_path / "ok", state)
+    back = checkpointer.load(tmp_path / "ok")
+    assert np.array_equal(back["w"], state["w"]) and back["cfg"] == state["cfg"]
+
+
+def test_a_memory_shortage_on_restore_is_raised_not_fallen_back_from(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from checkpointer import restoring
+    from checkpointer.errors import InsufficientMemoryError
+
+    mgr = CheckpointManager(tmp_path)
+    mgr.save({"w": np.zeros(2)}, step=1)
+    mgr.save({"w": np.ones(2)}, step=2)
+    real = restoring.load_checkpoint
+
+    def short(store: object, name: str, **kw: object) -> object:
+        if name.endswith("2"):
+            raise InsufficientMemoryError(f"{name}: not enough memory to read tensor 'w'")
+        return real(store, name, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(restoring, "load_checkpoint", short)
+    with pytest.raises(MemoryError, match="not enough memory"):
+        mgr.restore()

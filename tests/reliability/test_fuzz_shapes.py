@@ -77,10 +77,10 @@ from checkpointer.tree import flatten, unflatten
 
 COUNTS: Counter[str] = Counter()
 BIG_CAP = 48 << 20  # verify reads through two 8 MiB buffers per file
-# checkpointer.open(...).tensor(k) trusts the manifest row's dtype and shape without the
-# file's header: see test_reader_refuses_a_row_that_disagrees_with_the_header (xfail). Set
-# False once it is fixed, so the fuzzers check the dtype and shape of what it returns too.
-READER_TRUSTS_ROW_DTYPE = True
+# checkpointer.open(...).tensor(k) checks each file's header against the manifest on first
+# use (see test_reader_refuses_a_row_that_disagrees_with_the_header), so the fuzzers check
+# the dtype and shape of what it returns too.
+READER_TRUSTS_ROW_DTYPE = False
 # Confusions the schema accepts (none: a bool version was one, see test_a_bool_version_is_refused).
 KNOWN_ACCEPTED: set[tuple[tuple[Any, ...], Any]] = set()
 
@@ -383,10 +383,6 @@ def test_self_consistent_edits_give_the_bytes_they_describe_or_fail(bases: dict[
                  keep_index=i % 2 == 0, everything=i % 4 == 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: checkpointer.open(...).tensor(k) trusts the manifest row's dtype and shape and never "
-    "reads the file's header: a checksum-valid manifest whose row says I32 (or shape [6]) for "
-    "an F32 [3, 2] tensor returns its bytes reinterpreted, with no error (load refuses it)"))
 @pytest.mark.parametrize("position, value", [(2, "I32"), (3, [6])], ids=["dtype", "shape"])
 def test_reader_refuses_a_row_that_disagrees_with_the_header(tmp_path: Path, position: int,
                                                             value: Any) -> None:
