@@ -1,6 +1,6 @@
 """ModelCheckpoint cases, run once per Keras backend by ``test_keras.py`` (not collected alone).
 
-The two README examples must give Keras's own file names and the best epoch's weights; the
+The two examples of docs/keras.md must give Keras's own file names and the best epoch's weights; the
 four ways Keras's own callback misbehaves (save-best with an integer ``save_freq``, a NaN
 first value, a missing metric, a restarted run) must each be handled.
 """
