@@ -4,8 +4,10 @@ Scenarios (one script each, runnable alone): ``bench_save`` (synchronous save),
 ``bench_load`` (eager load, warm and cold), ``bench_lazy`` (one tensor of a 1 GiB
 checkpoint), ``bench_async`` (async saving in a training loop), ``bench_memory`` (peak
 memory, a fresh subprocess per method), ``bench_verify`` (verify throughput and peak memory
-beside raw reading). Outputs go to ``benchmarks/results/``:
-``results.md``, ``results.json`` and ``throughput.png``, plus a goals summary.
+beside raw reading), ``bench_preemption`` (the per-step cost of ``save_on_preemption``, 1
+process and 2 gloo ranks, and the time from a signal to the committed checkpoint). Outputs
+go to ``benchmarks/results/``: ``results.md``, ``results.json`` and ``throughput.png``, plus
+a goals summary.
 
 Usage: ``python benchmarks/run.py [--large] [--rounds N] [--only save load ...]``
 (``make bench`` runs the default suite: 256 MiB states, a few minutes).
@@ -27,6 +29,7 @@ import bench_async  # noqa: E402
 import bench_lazy  # noqa: E402
 import bench_load  # noqa: E402
 import bench_memory  # noqa: E402
+import bench_preemption  # noqa: E402
 import bench_save  # noqa: E402
 import bench_verify  # noqa: E402
 import common  # noqa: E402
@@ -38,6 +41,7 @@ SCENARIOS: dict[str, Callable[..., list[common.Row]]] = {
     "async": bench_async.run,
     "memory": bench_memory.run,
     "verify": bench_verify.run,
+    "preemption": bench_preemption.run,
 }
 
 
@@ -152,7 +156,7 @@ def plot(rows: list[common.Row], path: str) -> None:
 
     groups: dict[tuple[str, str], list[common.Row]] = {}
     for r in rows:
-        if r.times[0] > 0 and not r.scenario.startswith(("peak", "async", "lazy")):
+        if r.times[0] > 0 and not r.scenario.startswith(("peak", "async", "lazy", "preemption")):
             groups.setdefault((r.scenario, r.state), []).append(r)
     fig, axes = plt.subplots(
         len(groups), 1, figsize=(10, 2.2 + 0.32 * sum(map(len, groups.values()))), squeeze=False
