@@ -101,6 +101,13 @@ class TorchCoordinator:
             dist.broadcast(buf, src=self._src, group=self.group)
         return bytes(buf.cpu().numpy().tobytes())
 
+    def any_flag(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank: one all-reduce of one int (the preemption
+        check at each save point, cheaper than a gather)."""
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self._device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
     def gather_bytes(self, data: bytes) -> list[bytes] | None:
         """Every rank's ``data`` in rank order on rank 0; ``None`` elsewhere."""
         size = torch.tensor([len(data)], dtype=torch.int64, device=self._device)

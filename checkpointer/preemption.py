@@ -104,9 +104,10 @@ class Preemption:
     """A manager's preemption state: the watch (with ``save_on_preemption``), a notice asked
     for by :meth:`request`, and the info of the preemption save once it has committed.
 
-    With several processes and a watch, :meth:`notice` gathers every rank's notice on rank 0
-    at each save point (one small collective), so a signal on any rank preempts all of them
-    at the same call.
+    With several processes and a watch, :meth:`notice` shares every rank's notice at each
+    save point (one small collective: the coordinator's ``any_flag(bool)`` when it has one,
+    e.g. an all-reduce, else a gather on rank 0), so a signal on any rank preempts all of
+    them at the same call.
     """
 
     def __init__(self, enabled: bool, signals: Sequence[str | int | signal.Signals]) -> None:
@@ -130,6 +131,9 @@ class Preemption:
         mine = self.local()
         if coord.world_size == 1 or self.watch is None:
             return mine
+        any_flag = getattr(coord, "any_flag", None)  # a coordinator's cheaper collective
+        if any_flag is not None:
+            return (mine or "a notice on another rank") if any_flag(mine is not None) else None
         rows = coord.gather_bytes(pack(mine))
         if rows is None:
             return mine
