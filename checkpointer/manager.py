@@ -8,12 +8,14 @@ Call order, as seen from storage (like DCP's ``StorageWriter`` docstring):
 
 1. construction: list the directory once, clean up the engine's dead leftovers, load the
    index (rebuilt from manifests when missing or stale) and score each checkpoint once;
+   the same in the replica, if any (:mod:`checkpointer.tiers`);
 2. ``epoch_end`` / ``step_end``: schedule -> monitor (the plan) -> (state extracted only
-   now) -> data files -> manifest -> commit -> retention deletes -> index rewrite (from
-   "data files" on in the writer thread with ``async_save``);
+   now) -> data files -> manifest -> commit -> replica copy queued -> retention deletes ->
+   index rewrite (from "data files" on in the writer thread with ``async_save``);
 3. ``save``: as 2 without the schedule and the ``save_best_only`` test;
-4. ``restore``: manifest -> data files with verification, falling back when allowed;
-5. ``close``: waits for an in-flight asynchronous save and raises its error.
+4. ``restore``: manifest -> data files (of either tier) verified, falling back when allowed;
+5. ``wait`` / ``close``: the in-flight asynchronous save (its error raised), then the
+   replica's copies (``close`` raises when the newest due one never reached the replica).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .async_save import AsyncWriter
 from .distributed import Coordinator, background_coordinator, detect_coordinator, run_on_primary
 from .errors import CheckpointError, ConfigurationError, StorageError
 from .hints import unknown_options
-from .index import Entry, load_entries, read_index_meta, settings_key, write_index_quietly
+from .index import Entry, read_index_meta, settings_key, write_index_quietly
 from .info import Checkpoint, CheckpointInfo
 from .monitor import optional_monitor
 from .plan import (
@@ -39,19 +41,16 @@ from .plan import (
     SavePlan,
     Scored,
     decode_plan,
-    decode_scored,
     encode_plan,
-    encode_scored,
-    kept_index_config,
     recorded_monitor,
     restore_order,
     warn_no_step_schedule,
 )
 from .preemption import DEFAULT_SIGNALS, PREEMPTION, Preemption
-from .restoring import load_first
 from .retention import Retention, best_record
 from .schedule import Schedule, warn_if_dated_ahead
 from .storage import open_store
+from .tiers import open_tier, open_tiers
 from .tree import flatten, resolve_state, specs_from_template
 from .version import LIBRARY
 
@@ -87,7 +86,9 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None, clock: Callable[[], float] = _WALL_CLOCK,
         filesystem: Any = None, max_file_bytes: int = commit.DEFAULT_MAX_FILE_BYTES,
         coordinator: Coordinator | None = None, save_on_preemption: bool = False,
-        preemption_signals: Sequence[str | int] = DEFAULT_SIGNALS, **unknown: Any,
+        preemption_signals: Sequence[str | int] = DEFAULT_SIGNALS, replica: str | os.PathLike[str] | None = None,
+        replica_every: int = 1, replica_keep_last: int | None = None, replica_keep_best: int | None = None,
+        replica_storage_options: dict[str, Any] | None = None, **unknown: Any,
     ) -> None:
         if unknown:  # a typo or another library's name (max_to_keep): say which is meant
             raise unknown_options("CheckpointManager", unknown, CheckpointManager.__init__)
@@ -107,6 +108,9 @@ class CheckpointManager:
         # the every_seconds timer: this process's monotonic clock (an injected clock, if any)
         self._tick = time.monotonic if clock is _WALL_CLOCK else clock
         self._store = open_store(directory, storage_options, filesystem)
+        self._tiers = open_tiers(self._store, replica, replica_storage_options, replica_every, replica_keep_last,
+                                 replica_keep_best, retention=self._retention, monitor=self._monitor,
+                                 settings=self._settings, score=self._planner.scored)
         self._protected: set[str] = set()
         self._last_started = self._tick()  # the timer counts from the run's start
         self._async: AsyncWriter[SavePlan] | None = AsyncWriter() if async_save else None
@@ -118,33 +122,24 @@ class CheckpointManager:
         if async_save and self._coord.world_size > 1 and self._bg is None:
             log.info("%s offers no background coordinator: saves are synchronous",
                      type(self._coord).__name__)
-        self._entries: list[Scored] = []  # committed, oldest first; replaced, never mutated
         self._kept_config: dict[str, str] = {}  # the index's monitor, kept when we have none
-        self._entries = run_on_primary(self._coord, self._open_directory, encode_scored,
-                                       self._decode_entries)
+        # the local tier's committed checkpoints, oldest first; replaced, never mutated
+        self._entries: list[Scored] = run_on_primary(self._coord, self._open_directory,
+                                                     self._tiers.encode, self._tiers.decode)
         if every_seconds is not None:
             warn_if_dated_ahead([(e.info.name, e.info.time) for e in self._entries], clock(),
                                 CheckpointWarning)
         self._preempt = Preemption(save_on_preemption, preemption_signals)  # last: it installs handlers
 
     def _open_directory(self) -> list[Scored]:
-        listing = self._store.list_files()
-        removed = commit.cleanup(self._store, listing)
-        if removed:
-            log.info("removed unfinished leftovers of dead writers: %s", ", ".join(removed))
-            listing = self._store.list_files()
-        self._kept_config = kept_index_config(self._store, listing, self._monitor)
-        entries, stale = load_entries(self._store, listing)
-        self._entries = [self._planner.scored(e) for e in entries]
+        self._entries, stale, self._kept_config = open_tier(self._store, self._monitor, self._planner.scored)
         if stale and self._entries:
             self._write_index_quietly()
+        self._tiers.open(self._entries, self._protected)  # the replica listed, caught up
         return self._entries
 
-    def _decode_entries(self, rows: Any) -> list[Scored]:
-        return decode_scored(self._store, rows)
-
     def _adopt_rows(self, rows: Any) -> None:
-        self._entries = decode_scored(self._store, rows)
+        self._entries = self._tiers.decode(rows)
 
     # -- public properties -------------------------------------------------------------
 
@@ -155,18 +150,18 @@ class CheckpointManager:
 
     @property
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first."""
-        return [e.info for e in self._entries]
+        """Committed checkpoints of both tiers, oldest first (``url``: where each is read from)."""
+        return [e.info for e in self._tiers.view(self._entries)]
 
     @property
     def latest(self) -> CheckpointInfo | None:
         """The newest committed checkpoint."""
-        return self._entries[-1].info if self._entries else None
+        return next(reversed([s.info for s in self._tiers.view(self._entries)]), None)
 
     @property
     def best(self) -> CheckpointInfo | None:
         """The best ranked checkpoint by the monitor (``None`` without a monitor or ranking)."""
-        entries = self._entries  # one snapshot: a background save may replace the list
+        entries = self._tiers.view(self._entries)  # one snapshot: a background save may replace the lists
         rec = best_record([s.record for s in entries], self._monitor)
         return next((s.info for s in entries if s.info.name == rec.name), None) if rec else None
 
@@ -223,7 +218,7 @@ class CheckpointManager:
                                        epoch, metrics, forced), state)
         if plan is None or not plan.reason.startswith(PREEMPTION):
             return info
-        self.wait()  # committed, also with async_save, before the loop is told to stop
+        self._wait_saves()  # committed, also with async_save, before the loop is told to stop
         self._preempt.done = next((s.info for s in self._entries if s.info.name == plan.name), info)
         log.warning("%s: saved %s; training should stop", plan.reason, self._store.url_of(plan.name))
         return self._preempt.done
@@ -276,7 +271,7 @@ class CheckpointManager:
         part = collective.rank_part(state, coord.rank, None if writer is None else writer.stage)
         save = collective.RankedSave(coord, part, self._store, self._max_file_bytes,
                                      partial(self._write_and_commit, plan),
-                                     lambda: encode_scored(self._entries), self._adopt_rows)
+                                     lambda: self._tiers.encode(self._entries), self._adopt_rows)
         if writer is None:
             info = save.run()
             return info if coord.rank == 0 else next(
@@ -308,20 +303,21 @@ class CheckpointManager:
         entry = Scored(Entry(info, plan.seq, True, stamp, True, settings_key(self._settings)), plan.score)
         self._entries = [s for s in self._entries if s.info.name != name] + [entry]
         log.info("saved %s (%d bytes)", info.url, nbytes)
+        # queued before local retention, which keeps what the replica still needs
+        self._tiers.committed(entry, plan.reason.startswith(PREEMPTION), self._protected)
         self._apply_retention()
         self._write_index_quietly()
         return info
 
     def _apply_retention(self) -> None:
         self._entries = pruning.prune(self._store, self._retention, self._monitor, self._entries,
-                                      self._protected, self._settings, self._planner.scored)
+                                      self._tiers.kept(self._protected), self._settings, self._planner.scored)
 
     def explain_retention(self) -> list[tuple[CheckpointInfo, bool, list[str]]]:
-        """For every checkpoint, oldest first: whether retention keeps it and every reason
-        ("latest", "best", "last 2", "top 3 by val_loss", "step multiple of 1000",
-        "restored from", "not written by this engine", ...). Rows the index gave are first
-        confirmed by their manifests, as before any deletion."""
-        self.wait()
+        """For every local checkpoint, oldest first: whether retention keeps it and every
+        reason ("latest", "best", "last 2", "top 3 by val_loss", "step multiple of 1000",
+        "restored from", ...); the index's rows are first confirmed by their manifests."""
+        self._wait_saves()
         self._entries = pruning.confirm(self._store, self._entries, self._planner.scored)
         why = pruning.explain(self._retention, self._monitor, self._entries, self._protected,
                               self._settings)
@@ -336,15 +332,14 @@ class CheckpointManager:
 
     def restore(self, which: str | int = "latest", *, verify: bool = True, fallback: bool = True,
                 template: Any = None) -> Checkpoint:
-        """Load a checkpoint: ``"latest"``, ``"best"``, a name, or a step number.
+        """Load a checkpoint of either tier: ``"latest"``, ``"best"``, a name, or a step.
 
         ``"latest"``/``"best"`` fall back to the next newest/best that verifies (with a
-        warning naming the broken one) unless ``fallback=False``. ``"best"`` on a manager
-        without a monitor ranks by the one the directory records (the index's, else the
-        newest manifest's). ``template`` is a tree
-        whose :class:`~checkpointer.sharding.ShardSpec` (or ``ShardedArray``) leaves name
-        the pieces this process wants of sharded arrays; only those bytes are read. With
-        several processes every rank loads its part and all agree on the outcome.
+        warning naming the broken one) unless ``fallback=False``; ``"best"`` without a
+        monitor ranks by the one the directory records (the index's, else the newest
+        manifest's). ``template``: a tree whose :class:`~checkpointer.sharding.ShardSpec`
+        (or ``ShardedArray``) leaves name the pieces of sharded arrays this process wants
+        (only those bytes are read). Every rank loads its part; all agree on the outcome.
 
         Raises:
             CheckpointNotFoundError: nothing matches (or nothing verifies); the message
@@ -352,43 +347,50 @@ class CheckpointManager:
             ConfigurationError: ``"best"`` with no monitor given or recorded.
             CorruptCheckpointError: the requested checkpoint fails verification.
         """
-        self.wait()
+        self._wait_saves()
         specs = specs_from_template(template) if template is not None else None
-        order = restore_order(self._entries, which, self._monitor,
-                              lambda: recorded_monitor(read_index_meta(self._store), self._entries))
-        got = load_first(self._store, self._coord, which, *order, fallback=fallback, verify=verify,
-                         specs=specs, listed=self.checkpoints)
+        self._entries = self._tiers.agree(self._coord, self._entries)  # one tier on every rank
+        view = self._tiers.view(self._entries)
+        order = restore_order(view, which, self._monitor,
+                              lambda: recorded_monitor(read_index_meta(self._store), view))
+        got = self._tiers.restore(self._coord, which, *order, fallback=fallback, verify=verify,
+                                  specs=specs, listed=[s.info for s in view])
         self._protected.add(got.info.name)
         return got
 
-    # -- helpers ------------------------------------------------------------------------
-
     def _next_seq(self) -> int:
         # a background save in flight (or failed) is not listed yet: its seq is never reused
-        return max([s.entry.seq for s in self._entries] + [self._async_seq]) + 1
+        return max([s.entry.seq for s in self._tiers.view(self._entries)] + [self._async_seq]) + 1
 
     def _best_score(self) -> float | None:
         """The best score so far, a background save in flight included."""
         pending = None if self._async is None else self._async.pending
-        records = [s.record for s in self._entries] + ([] if pending is None else [pending.record])
+        records = [s.record for s in self._tiers.view(self._entries)] + ([] if pending is None else [pending.record])
         rec = best_record(records, self._monitor)
         return rec.score if rec else None
 
     def wait(self) -> None:
-        """Block until an in-flight asynchronous save has committed; raise its error."""
+        """Block until an in-flight asynchronous save has committed (raising its error) and
+        the replica's copies have ended (their failures are warnings): on every rank."""
+        self._wait_saves()
+        self._entries = self._tiers.wait(self._coord, self._entries)
+
+    def _wait_saves(self) -> None:
         if self._async is not None:
             collective.on_every_rank(self._coord, self._async.wait)
 
     def close(self) -> None:
-        """Wait for any in-flight save, then release resources (with several processes, the
-        writer threads' coordinator too: a later save makes a new one). With several
-        processes, call it before the process group is destroyed."""
+        """Wait for any in-flight save and copy, then release resources (the writer threads'
+        coordinator too: a later save makes a new one); before the process group goes."""
         if self._async is not None:
             collective.on_every_rank(self._coord, self._async.close)
-        self._preempt.close()
-        if self._bg is not None:  # every rank's writer is done with it: release it
-            bg, self._bg, self._bg_released = self._bg, None, True
-            getattr(bg, "close", lambda: None)()
+        try:
+            self._tiers.close(self._coord)
+        finally:
+            self._preempt.close()
+            if self._bg is not None:  # every rank's writer is done with it: release it
+                bg, self._bg, self._bg_released = self._bg, None, True
+                getattr(bg, "close", lambda: None)()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -26,7 +26,7 @@ from .errors import (
 from .manifest import FileRow, Manifest, TensorRow, read_manifest
 from .storage import Store
 
-__all__ = ["copy_checkpoint", "COPY_CHUNK"]
+__all__ = ["copy_checkpoint", "copy_with_manifest", "COPY_CHUNK"]
 
 COPY_CHUNK = 8 << 20
 
@@ -39,8 +39,14 @@ def copy_checkpoint(src: Store, name: str, dst: Store) -> Committed:
         CorruptCheckpointError: (a subclass of) a byte of the source fails its checksum.
         StorageError: either store fails.
     """
+    return copy_with_manifest(src, name, dst)[0]
+
+
+def copy_with_manifest(src: Store, name: str, dst: Store) -> tuple[Committed, Manifest]:
+    """:func:`copy_checkpoint`, and the source manifest the copy was made from (its fields
+    are the copy's: what was copied, even when ``name`` was replaced in ``src`` meanwhile)."""
     manifest = read_manifest(src, name)
-    return commit_copy(dst, name, manifest, partial(_copy_files, src, name, manifest))
+    return commit_copy(dst, name, manifest, partial(_copy_files, src, name, manifest)), manifest
 
 
 def _copy_files(src: Store, name: str, manifest: Manifest, dst: Store, folder: str, prefix: str
