@@ -1,21 +1,24 @@
 """Small pieces of the Keras callbacks: Keras's argument rules (``mode``, ``save_freq``, a
-weights-only path), its printer and messages, log and path helpers."""
+weights-only path), its printer and messages, log and path helpers, and the preemption stop."""
 
 from __future__ import annotations
 
+import logging
 import string
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from checkpointer.errors import ConfigurationError
 from checkpointer.naming import template_fields
+from checkpointer.preemption import PreemptionWatch, signal_number
 
 from . import _keras_files as files
 
 __all__ = [
     "check_mode",
     "check_save_freq",
+    "check_preemption_path",
     "check_weights_path",
     "BatchCounter",
     "print_msg",
@@ -23,7 +26,10 @@ __all__ = [
     "direction_from_model",
     "scalar_logs",
     "split_managed",
+    "PreemptionStop",
 ]
+
+_log = logging.getLogger("checkpointer")
 
 
 def print_msg(message: str) -> None:
@@ -78,6 +84,18 @@ def check_weights_path(filepath: str, keras_file: bool, save_weights_only: bool)
         raise ConfigurationError(
             "When using `save_weights_only=True` in `ModelCheckpoint`, the filepath provided "
             f"must end in `.weights.h5` (Keras weights format). Received: filepath={filepath}"
+        )
+
+
+def check_preemption_path(enabled: bool, best_only: bool, name: str, filepath: str) -> None:
+    """A preemption save must not replace the best model: with ``save_best_only`` the name
+    needs a field (``{epoch}``, ``{batch}``)."""
+    if enabled and best_only and "{" not in name:
+        raise ConfigurationError(
+            f"save_on_preemption=True with save_best_only=True and filepath={filepath!r}: the "
+            "preemption save would replace the best model with the model at the signal. Put "
+            "{epoch} or {batch} in the filepath, or resume with "
+            "BackupAndRestore(save_on_preemption=True)."
         )
 
 
@@ -174,3 +192,68 @@ def _int_batch_fields(template: str) -> str:
             + "}"
         )
     return "".join(out)
+
+
+class PreemptionStop:
+    """``save_on_preemption`` of a Keras callback.
+
+    From ``on_train_begin`` (:meth:`start`) to ``on_train_end`` (:meth:`close`) the core's
+    :class:`~checkpointer.preemption.PreemptionWatch` is installed: its handler only records
+    the notice (and calls the handler it replaced). The callback asks :meth:`due` at each
+    batch end and epoch end; when a notice is due it saves there, whatever its schedule says,
+    waits until that save has committed, then calls :meth:`stopped`, which sets
+    ``model.stop_training``. One process only: every process watches its own signals.
+
+    Several callbacks each install a watch on top of the previous one, and Keras ends them
+    in list order, oldest first; a watch can only put its predecessor back while it is the
+    installed handler. So the watches are closed newest first: :meth:`close` releases this
+    one, then closes the released watches at the top of the stack.
+
+    Raises:
+        ConfigurationError: ``enabled`` not a bool, or a signal that cannot be caught
+            (at construction, like Keras's own argument checks); :meth:`start` outside the
+            main thread.
+    """
+
+    _stack: ClassVar[list[PreemptionWatch]] = []  # this process's open watches, oldest first
+    _released: ClassVar[set[PreemptionWatch]] = set()  # their callbacks have ended
+
+    def __init__(self, enabled: Any, signals: Sequence[str | int] | str | int) -> None:
+        if not isinstance(enabled, bool):
+            raise ConfigurationError(f"save_on_preemption must be True or False, got {enabled!r}")
+        names = [signals] if isinstance(signals, (str, int)) else list(signals)
+        self.enabled = enabled
+        self.signals = tuple(dict.fromkeys(signal_number(s) for s in names))
+        self.watch: PreemptionWatch | None = None
+        self.done = False  # the preemption save has committed and training was told to stop
+
+    def start(self) -> None:
+        """Install the handlers for a new ``fit`` (a notice from an earlier one is dropped)."""
+        self.close()
+        self.done = False
+        if self.enabled:
+            self.watch = PreemptionWatch(self.signals)
+            self._stack.append(self.watch)
+
+    def due(self) -> str | None:
+        """The notice to act on now (the signal's name), or ``None``."""
+        return None if self.done or self.watch is None else self.watch.requested
+
+    def stopped(self, model: Any, url: str | None) -> None:
+        """The preemption save at ``url`` has committed: stop training after this batch."""
+        self.done = True
+        model.stop_training = True
+        why = None if self.watch is None else self.watch.requested
+        _log.warning("preemption (%s): saved %s; training stops", why, url)
+
+    def close(self) -> None:
+        """Put the previous signal handlers back (once the watches above this one are gone)."""
+        if self.watch is None:
+            return
+        self._released.add(self.watch)
+        self.watch = None
+        while self._stack and self._stack[-1] in self._released:
+            top = self._stack.pop()
+            self._released.discard(top)
+            top.close()
+

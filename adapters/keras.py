@@ -26,20 +26,24 @@ with require(__name__, "Keras 3 and a backend", "keras"):
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
-from checkpointer import CheckpointManager, CheckpointWarning
+from checkpointer import CheckpointInfo, CheckpointManager, CheckpointWarning
 from checkpointer.errors import ConfigurationError, MetricError
 from checkpointer.monitor import Monitor, Score, check_options, infer_mode
+from checkpointer.preemption import DEFAULT_SIGNALS
 from checkpointer.retention import check_limit
 
 from . import _keras_files as files
 from ._keras_backup import BackupAndRestore
 from ._keras_common import (
     BatchCounter,
+    PreemptionStop,
     check_mode,
+    check_preemption_path,
     check_save_freq,
     check_weights_path,
     direction_from_model,
@@ -78,10 +82,21 @@ class ModelCheckpoint(keras.callbacks.Callback):
         nan_policy: a NaN/inf monitored value: ``"worst"`` (never the best), ``"skip"``
             (no save) or ``"raise"``.
         async_save: write in a background thread (one save in flight).
+        save_on_preemption: on a signal in ``preemption_signals``, save at the next batch end
+            (or epoch end) whatever ``save_freq`` and ``save_best_only`` say, wait until the
+            file has committed (also with ``async_save``), then stop training. That save is
+            this callback's normal save at that point (``{epoch}``/``{batch}`` filled with
+            it, ranked and retained as usual): a model file, not a training state to resume
+            from; ``BackupAndRestore(save_on_preemption=True)`` is for resuming. The handlers
+            are installed from ``on_train_begin`` to ``on_train_end`` (main thread; the
+            handlers they replace still run). One process only.
+        preemption_signals: signal names or numbers (default SIGTERM and SIGUSR1).
         storage_options: passed to fsspec.
 
     Raises:
-        ConfigurationError: an invalid option (a ``ValueError``, as Keras raises).
+        ConfigurationError: an invalid option (a ``ValueError``, as Keras raises), among them
+            ``save_on_preemption`` with ``save_best_only`` and a ``filepath`` without fields
+            (the preemption save would replace the best model).
 
     Example:
         >>> cb = ModelCheckpoint("best_model.weights.h5", save_weights_only=True,
@@ -106,6 +121,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         min_delta: float = 0.0,
         nan_policy: str = "worst",
         async_save: bool = False,
+        save_on_preemption: bool = False,
+        preemption_signals: Sequence[str | int] = DEFAULT_SIGNALS,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -135,7 +152,10 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if not self._keras_file:
             self._directory, self._filename = split_managed(self.filepath)
         self._counter = BatchCounter(self.save_freq) if self.save_freq != "epoch" else None
-        self._current_epoch = 0
+        self._preemption = PreemptionStop(save_on_preemption, preemption_signals)
+        named = self.filepath if self._keras_file else (self._filename or "{default}")
+        check_preemption_path(save_on_preemption, self.save_best_only, named, self.filepath)
+        self._current_epoch = self._last_batch = 0
         self._record: FileRecord | None = None
         self._manager: CheckpointManager | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -145,6 +165,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._wait_pending()
+        self._preemption.start()
         if self._monitor is None:
             self._monitor = self._resolve_monitor(self.model)
         if self._monitor is None and self._ranked:
@@ -186,17 +207,24 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._current_epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if self._counter is not None and self._counter.due(batch):
-            self._save(self._current_epoch, batch, logs)
+        self._last_batch = batch
+        scheduled = self._counter is not None and self._counter.due(batch)
+        self._save_point(self._current_epoch, batch, logs, scheduled)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if self.save_freq == "epoch":
-            self._save(epoch, None, logs)
+        by_epoch = self.save_freq == "epoch"  # else a preemption save here names the last batch
+        self._save_point(epoch, None if by_epoch else self._last_batch, logs, by_epoch)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._preemption.close()
         self._wait_pending()
         if self._manager is not None:
             self._manager.wait()
+
+    @property
+    def preempted(self) -> bool:
+        """The last ``fit`` stopped at a preemption signal after saving at that point."""
+        return self._preemption.done
 
     # -- decisions --------------------------------------------------------------------
 
@@ -242,28 +270,41 @@ class ModelCheckpoint(keras.callbacks.Callback):
             )
         return score
 
-    def _save(self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None) -> None:
+    def _save_point(
+        self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None, scheduled: bool
+    ) -> None:
+        """A scheduled save, or (a preemption notice pending) a forced one, then the stop."""
+        if self._preemption.done:
+            return  # stopped: the preemption save is the last one of this fit
+        forced = self._preemption.due() is not None
+        if not (scheduled or forced):
+            return
         self._wait_pending()
         logs = dict(logs or {})
         if self._keras_file:
-            self._save_file(epoch, batch, logs)
+            url = self._save_file(epoch, batch, logs, forced)
         else:
-            self._save_managed(epoch, batch, logs)
+            url = self._save_managed(epoch, batch, logs, forced)
+        if forced:
+            self._wait_pending()  # an async_save commit has landed before training stops
+            self._preemption.stopped(self.model, url)
 
-    def _save_file(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> None:
+    def _save_file(
+        self, epoch: int, batch: int | None, logs: dict[str, Any], forced: bool = False
+    ) -> str | None:
         filepath = self._get_file_path(epoch, batch, logs)
         score = self._score(logs)
-        if score is not None and score.skip:
+        if score is not None and score.skip and not forced:
             _log.info("not saving %s: %s", filepath, score.skip)
-            return
+            return None
         value = None if score is None else score.value
         is_best = False
         if self.save_best_only:
             assert self._monitor is not None
-            if value is None or not self._monitor.is_improvement(value, self.best):
+            is_best = value is not None and self._monitor.is_improvement(value, self.best)
+            if not is_best and not forced:
                 print_save(self.verbose, epoch + 1, self.monitor, self.best, value, None, True)
-                return
-            is_best = True
+                return None
         print_save(
             self.verbose, epoch + 1, self.monitor, self.best, value, filepath, self.save_best_only
         )
@@ -295,32 +336,41 @@ class ModelCheckpoint(keras.callbacks.Callback):
                 print_msg(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")
 
         self._run(commit)
+        return filepath
 
-    def _save_managed(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> None:
+    def _save_managed(
+        self, epoch: int, batch: int | None, logs: dict[str, Any], forced: bool = False
+    ) -> str | None:
         assert self._manager is not None, "on_train_begin was not called"
         metrics = scalar_logs(logs)
         if batch is not None and "batch" not in metrics and "batch" in (self._filename or ""):
             metrics["batch"] = batch + 1
         step = self._global_step()
         previous = self.best
-        info = self._manager.epoch_end(
-            epoch + 1, lambda: self._state(epoch + 1, step), step=step, metrics=metrics
-        )
+        state = partial(self._state, epoch + 1, step)
+        info: CheckpointInfo | None
+        if forced:  # whatever the schedule and save_best_only say; committed before the stop
+            info = self._manager.save(state, step=step, epoch=epoch + 1, metrics=metrics)
+            self._manager.wait()
+        else:
+            info = self._manager.epoch_end(epoch + 1, state, step=step, metrics=metrics)
         score = Score(None)
         if self._ranked and self._monitor is not None:
             try:
                 score = self._monitor.score(metrics)
             except MetricError:  # the manager judged it already (and raised under "raise")
                 score = Score(None)
-        value = score.value
+        value, monitor = score.value, self._monitor
         if (
             info is not None
+            and monitor is not None
             and score.finite
-            and (self.save_best_only or self._monitor.better(value, previous))
-        ):  # type: ignore[union-attr]
+            and ((self.save_best_only and not forced) or monitor.better(value, previous))
+        ):
             self.best = value
         url = None if info is None else info.url
         print_save(self.verbose, epoch + 1, self.monitor, previous, value, url, self.save_best_only)
+        return url
 
     def _state(self, epoch: int, step: int) -> dict[str, Any]:
         state = to_state(self.model, include_optimizer=not self.save_weights_only)

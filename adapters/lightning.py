@@ -9,7 +9,7 @@ whether the score enters the top k, then hands the trainer's checkpoint dict to 
 read back from the manager, so storage is the single source of truth, also after a resume.
 Under DDP only rank 0 writes; the decisions and the resulting attributes are broadcast.
 
-Deviations from Lightning's ``ModelCheckpoint`` are listed in the README, section
+Deviations from Lightning's ``ModelCheckpoint`` are listed in docs/torch.md, section
 "Deviations from Lightning's ``ModelCheckpoint``".
 
 A ``LightningModule`` is an ``nn.Module``: the plain verbs ``to_state`` / ``load_state`` /
@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 from weakref import proxy
@@ -43,8 +43,10 @@ from checkpointer.distributed import SingleProcess
 from checkpointer.monitor import Monitor
 from checkpointer.naming import template_fields
 from checkpointer.paths import join_url
+from checkpointer.preemption import DEFAULT_SIGNALS
 from checkpointer.schedule import Schedule
 
+from ._lightning_preempt import LightningPreemption
 from ._torch_lightning_io import SafeCheckpointIO, decode_checkpoint, encode_checkpoint
 from ._torch_lightning_util import (
     Once,
@@ -78,7 +80,7 @@ log = logging.getLogger("checkpointer")
 class ModelCheckpoint(_LightningModelCheckpoint):
     """Lightning's ``ModelCheckpoint``, backed by :class:`checkpointer.CheckpointManager`.
 
-    Takes Lightning's arguments with Lightning's meaning (deviations: the README's
+    Takes Lightning's arguments with Lightning's meaning (deviations: docs/torch.md's
     "Deviations from Lightning's ``ModelCheckpoint``").
     Each checkpoint is a folder ``<dirpath>/<name>.ckpt/`` in this library's format
     (safetensors + msgpack, no pickle). ``setup`` installs :class:`SafeCheckpointIO` on the
@@ -89,6 +91,10 @@ class ModelCheckpoint(_LightningModelCheckpoint):
     core), ``clock`` (seconds, for ``train_time_interval``; injectable for tests) and
     ``restore_rng`` (save Python/numpy/torch RNG states and restore them on resume, for
     bit-exact resumption; single-process runs only).
+
+    ``save_on_preemption=True`` (``preemption_signals``: SIGTERM, SIGUSR1): on a signal, the
+    next save point writes the full state as the last checkpoint and stops training, so that
+    ``trainer.fit(ckpt_path="last")`` resumes from there (see :mod:`._lightning_preempt`).
 
     Example::
 
@@ -118,6 +124,8 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         storage_options: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         restore_rng: bool = True,
+        save_on_preemption: bool = False,
+        preemption_signals: Sequence[str | int] = DEFAULT_SIGNALS,
     ) -> None:
         # Lightning's ModelCheckpoint.__init__ is skipped on purpose (see the note above).
         options = (save_top_k, monitor, mode, save_last)
@@ -142,12 +150,11 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         self._steps = step_schedule(self._every_n_train_steps, train_time_interval)
         self._async_save, self._storage_options = async_save, storage_options
         self._clock, self._restore_rng = clock, restore_rng
+        self._preemption = LightningPreemption(save_on_preemption, preemption_signals)
         self._mgr: CheckpointManager | None = None
         self._mgr_dir: str | None = None
         self._last_time: float | None = None
-        self._last_global_step_saved = 0
-        self._last_checkpoint_saved = ""
-        self._deferred = False
+        self._last_global_step_saved, self._last_checkpoint_saved, self._deferred = 0, "", False
         self._pending_rng: Any = None
         self._newest_path = ""
         self.current_score: torch.Tensor | None = None
@@ -198,81 +205,107 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         self._sync(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Start the clock of ``train_time_interval``."""
+        """Start the clock of ``train_time_interval``; watch for preemption signals (after
+        the Trainer has installed its own handlers)."""
         self._last_time = self._clock()
+        self._preemption.start()
+
+    @property
+    def preempted(self) -> bool:
+        """The last ``fit`` stopped at a preemption signal after saving its last checkpoint."""
+        return self._preemption.done
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
     ) -> None:
         """``every_n_train_steps`` and ``train_time_interval`` save points."""
-        if self._should_skip_saving_checkpoint(trainer):
-            return
+        skip = self._should_skip_saving_checkpoint(trainer)
+        self._point(trainer, not skip and self._step_due(trainer))
+
+    def _step_due(self, trainer: pl.Trainer) -> bool:
         now = self._clock()
         reason = self._steps.at_step(trainer.global_step, since=self._last_time, now=now)
         reason = trainer.strategy.broadcast(reason)  # clocks differ across ranks: rank 0 decides
         if reason is None:
-            return
+            return False
         if self._train_time_interval is not None:
             self._last_time = now
         if self.monitor is not None and self.monitor not in trainer.callback_metrics:
             self._deferred = True  # a validation metric: save once validation has produced it
-            return
-        self._save_point(trainer)
+            return False
+        return True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Epoch save point when saving at the end of the training epoch."""
         at_end = self._should_save_on_train_epoch_end(trainer)
-        if at_end and not self._should_skip_saving_checkpoint(trainer):
-            self._epoch_point(trainer)
+        self._point(trainer, at_end and not self._should_skip_saving_checkpoint(trainer)
+                    and self._epoch_due(trainer))  # fmt: skip
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        """A preemption notice waits for the end of validation (see ``_lightning_preempt``)."""
+        self._preemption.hold(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Epoch save point after validation, and deferred step/time save points."""
-        at_end = self._should_save_on_train_epoch_end(trainer)
-        if at_end or self._should_skip_saving_checkpoint(trainer):
+        if self._should_save_on_train_epoch_end(trainer):
+            self._preemption.hold(trainer)  # a notice waits for the epoch's save point, next
             return
-        if self._deferred:
+        due = not self._should_skip_saving_checkpoint(trainer)
+        if due and self._deferred:
             self._deferred = False
-            self._save_point(trainer)
-        else:
-            self._epoch_point(trainer)
+        elif due:
+            due = self._epoch_due(trainer)
+        self._point(trainer, due)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         """No save on exception (Lightning's ``save_on_exception`` is not supported)."""
+        self._preemption.close()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``save_last``, make sure a last checkpoint exists; wait for async saves."""
-        if self.save_last and not self._last_checkpoint_saved:
+        if self.save_last and not self._last_checkpoint_saved and not self.preempted:
             self._save_point(trainer, top_k=False)
         if self._mgr is not None:
             self._mgr.wait()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Wait for an in-flight asynchronous save."""
+        """Wait for an in-flight asynchronous save; stop watching for signals."""
+        self._preemption.close()
         if self._mgr is not None:
             self._mgr.wait()
 
     # -- saving --------------------------------------------------------------------------
 
-    def _epoch_point(self, trainer: pl.Trainer) -> None:
-        if self._epochs.at_epoch(trainer.current_epoch + 1, since=None, now=0.0) is not None:
-            self._save_point(trainer)
+    def _epoch_due(self, trainer: pl.Trainer) -> bool:
+        return self._epochs.at_epoch(trainer.current_epoch + 1, since=None, now=0.0) is not None
 
-    def _save_point(self, trainer: pl.Trainer, top_k: bool = True) -> None:
+    def _point(self, trainer: pl.Trainer, due: bool) -> None:
+        """A save point: the scheduled save when ``due``; a preemption notice (any rank's)
+        adds the full last checkpoint, committed before training is told to stop."""
+        if self.preempted:
+            return  # stopped: the preemption save is this fit's last
+        preempt = self._preemption.agreed(trainer)
+        if due or preempt:
+            self._save_point(trainer, top_k=due, preempt=preempt)
+        if preempt:
+            self._preemption.stopped(trainer, self.last_model_path)
+
+    def _save_point(self, trainer: pl.Trainer, top_k: bool = True, preempt: bool = False) -> None:
         metrics = scalar_metrics(self._monitor_candidates(trainer))
         # As Lightning, a metric the filename names but nobody logged formats as 0.
         named = {**{f: 0.0 for f in template_fields(self._template)}, **metrics}
-        state = Once(
-            lambda: encode_checkpoint(
-                trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
-            )
-        )
+        dump = trainer._checkpoint_connector.dump_checkpoint
+        state = Once(lambda: encode_checkpoint(dump(self.save_weights_only)))
+        full = Once(lambda: encode_checkpoint(dump(False))) if self.save_weights_only else state
         summary = None
         if trainer.is_global_zero:
             wrote = self._save_top_k(trainer, metrics, named, state) if top_k else False
-            if self.save_last:
-                self._save_last(named, state)
+            if preempt and self._mgr is not None:
+                self._mgr.wait()  # an async top-k save has committed before training stops
+            if self.save_last or preempt:
+                self._save_last(named, full if preempt else state)
             summary = self._summary(metrics.get(self.monitor) if self.monitor else None)
             if wrote:
                 for logger in trainer.loggers:
