@@ -68,16 +68,23 @@ class PreemptionWatch:
                 "the main thread: build the manager there (or pass preemption_signals=() and "
                 "call request_preemption() from your own notice watcher)")
         self.requested: str | None = None  # why: the signal's name, or "requested"
+        self._closed = False
         self._previous: dict[signal.Signals, _Handler] = {}
         for num in nums:
             self._previous[num] = signal.signal(num, self._handle)
+        self._watched = list(self._previous)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested is None:
-            self.requested = signal.Signals(signum).name
-        previous = self._previous.get(signal.Signals(signum))
+        num = signal.Signals(signum)
+        previous = self._previous.get(num)
+        if not self._closed and self.requested is None:
+            self.requested = num.name
         if callable(previous):
             previous(signum, frame)
+        elif self._closed and previous in (signal.SIG_DFL, None):
+            # closed, yet reinstated by a handler that sat above ours: act as the default would
+            signal.signal(num, signal.SIG_DFL)
+            signal.raise_signal(num)
 
     def request(self, why: str = "requested") -> None:
         """Record a notice as a signal would (a cloud notice watcher, a test)."""
@@ -87,17 +94,19 @@ class PreemptionWatch:
     @property
     def signals(self) -> list[signal.Signals]:
         """The signals watched (until :meth:`close`)."""
-        return list(self._previous)
+        return list(self._watched)
 
     def close(self) -> None:
-        """Put back each handler that ours replaced, where ours is still installed."""
+        """Put back each handler that ours replaced, where ours is still installed. Where a
+        later handler sits above ours (and may reinstate it), ours only forwards from now on."""
+        self._closed = True
         for num, previous in self._previous.items():
             try:
                 if signal.getsignal(num) == self._handle:
                     signal.signal(num, previous if previous is not None else signal.SIG_DFL)
-            except ValueError:  # not the main thread: the handler stays, and only sets a flag
+            except ValueError:  # not the main thread: the handler stays, and only forwards
                 log.warning("could not restore the handler of %s outside the main thread", num.name)
-        self._previous = {}
+        self._watched = []
 
 
 class Preemption:

@@ -84,3 +84,24 @@ def test_bad_signals_are_configuration_errors(bad: Any) -> None:
 
 def test_signal_names() -> None:
     assert signal_number("term") == signal_number("SIGTERM") == signal_number(15) == signal.SIGTERM
+
+
+def test_a_closed_watch_reinstated_by_a_later_handler_acts_as_the_default() -> None:
+    """Closed while another handler sat above it, which later puts ours back: a SIGTERM
+    must then end the process as it would have without us, not vanish into a dead watch."""
+    import subprocess
+    import sys
+
+    code = """
+import signal
+from checkpointer.preemption import PreemptionWatch
+watch = PreemptionWatch(["SIGTERM"])
+ours = signal.getsignal(signal.SIGTERM)
+signal.signal(signal.SIGTERM, lambda *a: None)   # a later handler above ours
+watch.close()                                      # ours cannot be removed now
+signal.signal(signal.SIGTERM, ours)                # the later one restores what it replaced
+signal.raise_signal(signal.SIGTERM)
+print("survived")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == -signal.SIGTERM and "survived" not in out.stdout
