@@ -94,14 +94,13 @@ def _read_npz(store: Store, name: str, dropped: list[str]) -> tuple[Any, dict[st
     return out, {}
 
 
-def _torch() -> Any:
+def _torch_adapter() -> Any:
+    """The torch adapter, looked up by name (it is optional, like fsspec's registry): the core
+    never imports a framework; the adapter imports torch and names the extra when it is missing."""
     try:
-        # Imported here: torch is an optional extra and takes seconds to import.
-        import torch
+        return importlib.import_module("checkpointer.adapters.torch")
     except ImportError as exc:
-        raise ConfigurationError(
-            "converting a PyTorch file needs torch: pip install 'checkpointer-engine[torch]'") from exc
-    return torch
+        raise ConfigurationError(f"converting a PyTorch file needs torch: {exc}") from exc
 
 
 def _clean(node: Any, path: str, dropped: list[str], torch: Any, ok: set[Any]) -> Any:
@@ -137,7 +136,8 @@ def _clean(node: Any, path: str, dropped: list[str], torch: Any, ok: set[Any]) -
 
 
 def _read_torch(store: Store, name: str, dropped: list[str]) -> tuple[Any, dict[str, Any]]:
-    torch = _torch()
+    adapter = _torch_adapter()
+    torch = adapter.torch
     where = store.url_of(name)
     with store.open_read(name) as f:
         try:
@@ -153,9 +153,7 @@ def _read_torch(store: Store, name: str, dropped: list[str]) -> tuple[Any, dict[
     clean = _clean(obj, "state", dropped, torch, ok)
     if clean is _DROP:
         raise ConfigurationError(f"{where} holds nothing that can be stored ({dropped[-1]})")
-    # The adapter is optional (it imports torch), so it is looked up by name, like fsspec's
-    # registry: it encodes int keys and tied tensors so that load_state restores them.
-    adapter = importlib.import_module("checkpointer.adapters.torch")
+    # the adapter encodes int keys and tied tensors so that load_state restores them
     try:
         return adapter.to_state(clean), {}
     except StateTreeError as exc:
