@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from checkpointer.errors import ConfigurationError
 from checkpointer.naming import template_fields
-from checkpointer.preemption import PreemptionWatch, signal_number
+from checkpointer.preemption import PreemptionWatch, preemption_options
 
 from . import _keras_files as files
 
@@ -219,11 +219,8 @@ class PreemptionStop:
     _released: ClassVar[set[PreemptionWatch]] = set()  # their callbacks have ended
 
     def __init__(self, enabled: Any, signals: Sequence[str | int] | str | int) -> None:
-        if not isinstance(enabled, bool):
-            raise ConfigurationError(f"save_on_preemption must be True or False, got {enabled!r}")
-        names = [signals] if isinstance(signals, (str, int)) else list(signals)
+        self.signals = preemption_options(enabled, signals)
         self.enabled = enabled
-        self.signals = tuple(dict.fromkeys(signal_number(s) for s in names))
         self.watch: PreemptionWatch | None = None
         self.done = False  # the preemption save has committed and training was told to stop
 

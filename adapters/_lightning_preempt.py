@@ -37,8 +37,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from checkpointer.errors import ConfigurationError
-from checkpointer.preemption import PreemptionWatch, signal_number
+from checkpointer.preemption import PreemptionWatch, preemption_options
 
 __all__ = ["LightningPreemption"]
 
@@ -54,11 +53,8 @@ class LightningPreemption:
     """
 
     def __init__(self, enabled: Any, signals: Sequence[str | int] | str | int) -> None:
-        if not isinstance(enabled, bool):
-            raise ConfigurationError(f"save_on_preemption must be True or False, got {enabled!r}")
-        names = [signals] if isinstance(signals, (str, int)) else list(signals)
+        self.signals = preemption_options(enabled, signals)
         self.enabled = enabled
-        self.signals = tuple(dict.fromkeys(signal_number(s) for s in names))
         self.watch: PreemptionWatch | None = None
         self.done = False  # the preemption save has committed; the trainer was told to stop
 

@@ -22,7 +22,7 @@ from .distributed import Coordinator, pack, unpack
 from .errors import ConfigurationError
 from .info import CheckpointInfo
 
-__all__ = ["Preemption", "PreemptionWatch", "DEFAULT_SIGNALS", "signal_number", "PREEMPTION"]
+__all__ = ["Preemption", "PreemptionWatch", "preemption_options", "DEFAULT_SIGNALS", "signal_number", "PREEMPTION"]
 
 log = logging.getLogger("checkpointer")
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -49,6 +49,20 @@ def signal_number(sig: str | int | signal.Signals) -> signal.Signals:
     if num in (getattr(signal, "SIGKILL", None), getattr(signal, "SIGSTOP", None)):
         raise ConfigurationError(f"preemption_signals: {num.name} cannot be caught")
     return num
+
+
+def preemption_options(enabled: Any, signals: Sequence[str | int | signal.Signals] | str | int
+                       ) -> tuple[signal.Signals, ...]:
+    """Check ``save_on_preemption`` / ``preemption_signals`` (for the manager and the
+    framework callbacks alike); the signals, each once.
+
+    Raises:
+        ConfigurationError: ``enabled`` is not a bool, or a signal is not one that can be caught.
+    """
+    if not isinstance(enabled, bool):
+        raise ConfigurationError(f"save_on_preemption must be True or False, got {enabled!r}")
+    names = [signals] if isinstance(signals, (str, int)) else list(signals)
+    return tuple(dict.fromkeys(signal_number(s) for s in names))
 
 
 class PreemptionWatch:
@@ -120,9 +134,8 @@ class Preemption:
     """
 
     def __init__(self, enabled: bool, signals: Sequence[str | int | signal.Signals]) -> None:
-        if not isinstance(enabled, bool):
-            raise ConfigurationError(f"save_on_preemption must be True or False, got {enabled!r}")
-        self.watch = PreemptionWatch(signals) if enabled else None
+        nums = preemption_options(enabled, signals)
+        self.watch = PreemptionWatch(nums) if enabled else None
         self.asked: str | None = None
         self.done: CheckpointInfo | None = None  # the preemption save, once committed
 
