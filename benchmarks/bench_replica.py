@@ -6,24 +6,23 @@ S3 server is moto on 127.0.0.1 in a process of its own (``--server-nice N`` runs
 standing in for a server on another machine).
 
 1. Copy: timed, side by side, rounds alternating: ``copy_checkpoint`` of it to ``s3://``
-   (streamed through one 8 MiB buffer, every tensor's crc32c checked on the way, committed
-   with the manifest last: what the replica tier does per checkpoint), and the baseline,
-   s3fs ``pipe_file`` of each of its files (read from disk in the timed region too).
-   Reported: best and median of the rounds, and the ratio pipe / copy (1.0 = as fast as
-   s3fs alone).
+   in this process (streamed through one 8 MiB buffer, every tensor's crc32c checked on the
+   way, committed with the manifest last), the same copy through the replica tier's child
+   process (``replica_process.CopyProcess``, as the tier ships: started in the warm-up round
+   and kept, as the tier keeps it), and the baseline, s3fs ``pipe_file`` of each of its files
+   (read from disk in the timed region too). Reported: best and median of the rounds, and
+   the ratio pipe / copy (1.0 = as fast as s3fs alone).
 2. Steps: a training-like step (``--layers`` float32 ``--n`` x ``--n`` matmuls, each
    followed by tanh: ~2.7 ms), BLAS on one thread (``OPENBLAS_NUM_THREADS``, default 1: the
    loop on one core, the other left to the copy and the server) timed one by one, in phases:
    nothing in the background (for as long as a copy lasts); a
    ``CheckpointManager(replica="s3://...")`` copying the checkpoint it just saved (steps from
    the save's return until the replica tier is no longer ``busy``; the save itself is not a
-   step), its copy thread as shipped, then niced as the async writer's thread is
-   (``async_save._lower_priority``, monkeypatched in: what that change in
-   ``checkpointer/tiers.py`` would do); and ``copy_checkpoint`` of the same checkpoint in a
-   child process niced the same (a design the tier could take: its own GIL). A copy that
-   fails voids the run. Rounds interleave the phases, order alternating. Reported per
-   phase: the mean (lost throughput), median and p90 step time, best and median of the
-   rounds, and the slowdown against the phase with nothing in the background.
+   step), as shipped (the copy in a niced child process), and with the copy in the tier's
+   thread (``replica_process.MODE = "never"``: what the first design did). A copy that fails
+   voids the run. Rounds interleave the phases, order alternating. Reported per phase: the
+   mean (lost throughput), median and p90 step time, best and median of the rounds, and the
+   slowdown against the phase with nothing in the background.
 
     python benchmarks/bench_replica.py [--mib 256] [--rounds 3] [--steps-rounds 3] [--server-nice 0]
 
@@ -38,7 +37,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # b
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -55,9 +53,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import checkpointer  # noqa: E402
-from checkpointer import CheckpointManager, async_save  # noqa: E402
-from checkpointer.async_save import _lower_priority  # noqa: E402
+from checkpointer import CheckpointManager, replica_process  # noqa: E402
 from checkpointer.replica import copy_checkpoint  # noqa: E402
+from checkpointer.replica_process import CopyProcess  # noqa: E402
 from checkpointer.storage import open_store  # noqa: E402
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -65,9 +63,10 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 SERVER = ("import sys\nfrom moto.server import ThreadedMotoServer\n"
           "s = ThreadedMotoServer(ip_address='127.0.0.1', port=int(sys.argv[1]), verbose=False)\n"
           "s.start()\nprint('up', flush=True)\nsys.stdin.read()\ns.stop()\n")
-NO_COPY, PLAIN, NICED = "no replication", "replica thread copying", "replica thread (niced) copying"
-CHILD_PHASE = "niced child process copying"
-PHASES = [NO_COPY, PLAIN, NICED, CHILD_PHASE]
+NO_COPY, SHIPPED, THREAD = "no replication", "replica copying (child process, as shipped)", "replica copying in its thread"
+PHASES = [NO_COPY, SHIPPED, THREAD]
+MODES = {SHIPPED: "auto", THREAD: "never"}  # replica_process.MODE in each phase
+CHILD_COPY = "replica tier's copy process"
 
 
 def _free_port() -> int:
@@ -109,8 +108,13 @@ def run(mib: int, rounds: int, opts: dict[str, Any]) -> list[common.Row]:
         dst = open_store("s3://bench/copy", opts)
         fs = getattr(dst, "fs")  # noqa: B009 - the s3fs filesystem under the store
 
+        child = CopyProcess({"source": [tmp, None], "dest": ["s3://bench/child", opts]})
+
         def copy() -> None:
             copy_checkpoint(src, "ckpt", dst)
+
+        def copy_in_child() -> None:
+            child.copy("ckpt")
 
         def pipe() -> None:
             for name in sorted(os.listdir(folder)):
@@ -118,26 +122,23 @@ def run(mib: int, rounds: int, opts: dict[str, Any]) -> list[common.Row]:
                     fs.pipe_file(f"bench/pipe/ckpt/{name}", f.read())
 
         def clean(_: str) -> None:  # moto keeps objects in memory: one copy at a time
-            for prefix in ("bench/copy", "bench/pipe"):
+            for prefix in ("bench/copy", "bench/pipe", "bench/child"):
                 if fs.exists(prefix):
                     fs.rm(prefix, recursive=True)
             fs.invalidate_cache()
 
         nbytes = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder))
-        times = common.bench({"s3fs pipe_file": pipe, "checkpointer copy_checkpoint": copy},
-                             rounds=rounds, setup=clean)
+        times = common.bench({"s3fs pipe_file": pipe, "checkpointer copy_checkpoint": copy,
+                              CHILD_COPY: copy_in_child}, rounds=rounds, setup=clean)
+        child.close()
         clean("")
         notes = {"s3fs pipe_file": "each file read, then one pipe_file (no checksums)",
-                 "checkpointer copy_checkpoint": "streamed, crc32c checked, manifest last"}
+                 "checkpointer copy_checkpoint": "in this process: streamed, crc32c checked, manifest last",
+                 CHILD_COPY: "the same in the replica tier's child process (started in the warm-up)"}
         return common.rows_from("replica", f"f32x200-{mib}MiB", nbytes, times, "s3fs pipe_file", notes)
 
 
 # -- training steps during a copy ---------------------------------------------------------
-
-CHILD = ("import json, sys\nfrom checkpointer.replica import copy_checkpoint\n"
-         "from checkpointer.storage import open_store\n"
-         "copy_checkpoint(open_store(sys.argv[1]), sys.argv[2], open_store(sys.argv[3], json.loads(sys.argv[4])))\n")
-
 
 def _train_step(n: int, layers: int) -> Callable[[], None]:
     """The training step: ``layers`` matmuls and tanh (each releases the GIL, as a real step's ops do)."""
@@ -163,25 +164,15 @@ def _steps(step: Callable[[], None], going: Callable[[], bool]) -> list[float]:
     return out
 
 
-def _manager(tmp: str, name: str, opts: dict[str, Any], niced: bool) -> CheckpointManager:
-    mgr = CheckpointManager(os.path.join(tmp, name), every_n_epochs=None, keep_last=1,
-                            replica=f"s3://bench/{name}", replica_storage_options=opts, replica_keep_last=1)
-    rep = getattr(mgr, "_tiers").replica  # noqa: B009 - the manager's replica tier
-    if niced:  # what _lower_priority as the copy thread's initializer would do
-        drain = rep._drain
-
-        def niced_drain() -> None:
-            _lower_priority()
-            drain()
-
-        rep._drain = niced_drain
-    return mgr
+def _manager(tmp: str, name: str, opts: dict[str, Any]) -> CheckpointManager:
+    return CheckpointManager(os.path.join(tmp, name), every_n_epochs=None, keep_last=1,
+                             replica=f"s3://bench/{name}", replica_storage_options=opts, replica_keep_last=1)
 
 
 def _copying(mgr: CheckpointManager, state: dict[str, np.ndarray], step: Callable[[], None],
              seq: int) -> list[float]:
     """Steps while ``mgr``'s replica copies the checkpoint it just saved (the save untimed)."""
-    rep = getattr(mgr, "_tiers").replica  # noqa: B009
+    rep = getattr(mgr, "_tiers").replica  # noqa: B009 - the manager's replica tier
     info = mgr.save(state, step=seq)
     times = _steps(step, lambda: bool(rep.busy))
     mgr.wait()
@@ -190,35 +181,17 @@ def _copying(mgr: CheckpointManager, state: dict[str, np.ndarray], step: Callabl
     return times
 
 
-def _in_child(src: str, name: str, opts: dict[str, Any], step: Callable[[], None]) -> list[float]:
-    """Steps while a child process, niced as the async writer's thread, copies ``src/name``
-    to ``s3://bench/child`` (replacing the one there: moto keeps objects in memory)."""
-    fs = getattr(open_store("s3://bench/child", opts), "fs")  # noqa: B009
-    if fs.exists("bench/child"):
-        fs.rm("bench/child", recursive=True)
-    nice = async_save.NICE
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, src, name, "s3://bench/child", json.dumps(opts)],
-                            preexec_fn=lambda: os.nice(nice))
-    times = _steps(step, lambda: proc.poll() is None)
-    if proc.returncode:
-        raise RuntimeError(f"the child's copy failed (exit status {proc.returncode}): the timings are void")
-    return times
-
-
 def _stats(times: list[float]) -> tuple[float, float, float]:
     return statistics.fmean(times), statistics.median(times), float(np.percentile(times, 90))
 
 
-def _phase(phase: str, mgrs: dict[str, CheckpointManager], opts: dict[str, Any], state: dict[str, np.ndarray],
+def _phase(phase: str, mgrs: dict[str, CheckpointManager], state: dict[str, np.ndarray],
            step: Callable[[], None], seq: int, window: float) -> list[float]:
     """One phase's step times: ``window`` seconds of steps alone, or steps during a copy."""
     if phase == NO_COPY:
         end = time.perf_counter() + window
         return _steps(step, lambda: time.perf_counter() < end)
-    if phase == CHILD_PHASE:  # the plain manager's newest checkpoint, to a folder of its own
-        newest = mgrs[PLAIN].latest
-        assert newest is not None
-        return _in_child(mgrs[PLAIN].directory, newest.name, opts, step)
+    replica_process.MODE = MODES[phase]  # read when the copy starts, right after the save
     return _copying(mgrs[phase], state, step, seq)
 
 
@@ -229,15 +202,16 @@ def run_steps(mib: int, rounds: int, opts: dict[str, Any], n: int, layers: int) 
     per: dict[str, list[tuple[float, float, float]]] = {p: [] for p in PHASES}
     took: dict[str, list[float]] = {p: [] for p in PHASES}
     with tempfile.TemporaryDirectory(dir=common.workdir()) as tmp:
-        mgrs = {PLAIN: _manager(tmp, "plain", opts, False), NICED: _manager(tmp, "niced", opts, True)}
+        mgrs = {SHIPPED: _manager(tmp, "shipped", opts), THREAD: _manager(tmp, "thread", opts)}
         t = time.perf_counter()
-        for m in mgrs.values():  # warm-up (connections, first allocations): untimed
+        for phase, m in mgrs.items():  # warm-up (the child, connections, first allocations): untimed
+            replica_process.MODE = MODES[phase]
             _copying(m, state, step, 0)
         window = (time.perf_counter() - t) / 2
         for r in range(rounds):
             for phase in PHASES if r % 2 == 0 else PHASES[::-1]:
                 t = time.perf_counter()
-                per[phase].append(_stats(_phase(phase, mgrs, opts, state, step, r + 1, window)))
+                per[phase].append(_stats(_phase(phase, mgrs, state, step, r + 1, window)))
                 took[phase].append(time.perf_counter() - t)
         for m in mgrs.values():
             m.close()

@@ -52,7 +52,19 @@ def owner_is_dead(owner: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited but was never reaped (Linux; a container whose init does
+    not reap orphans keeps them): gone for our purposes, though ``kill(pid, 0)`` succeeds."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat.rpartition(b")")[2].split()[:1]  # the name in parentheses may hold spaces
+    return state in ([b"Z"], [b"X"])
 
 
 def is_owner(text: str) -> bool:

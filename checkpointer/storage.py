@@ -53,11 +53,14 @@ class Store(Protocol):
     Every method raises :class:`StorageError` (or :class:`CheckpointNotFoundError` for a
     missing path) on failure. ``atomic_rename`` says whether :meth:`rename` of a folder is
     atomic (a local disk) or a copy (object stores), which picks the commit protocol.
+    ``origin`` is how it was opened, ``(url, storage_options)``, for another process to open
+    the same store (``None``: from a ready filesystem object, which cannot be passed on).
     """
 
     atomic_rename: bool
     url: str
     root: str
+    origin: tuple[str, dict[str, Any] | None] | None
 
     def path(self, rel: str) -> str: ...
     def url_of(self, rel: str) -> str: ...
@@ -98,6 +101,7 @@ class _Rooted:
 
     url: str
     root: str
+    origin: tuple[str, dict[str, Any] | None] | None = None
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
@@ -113,6 +117,7 @@ class LocalStore(_Rooted):
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        self.origin = (self.root, None)
         self.url = self.root
 
     def list_files(self) -> list[str]:
@@ -358,4 +363,6 @@ def open_store(directory: str | os.PathLike[str], storage_options: dict[str, Any
         raise ConfigurationError(f"cannot open {text!r}: {exc}") from exc
     if isinstance(fs, LocalFileSystem):  # os calls: fsync of files and folders
         return LocalStore(root)
-    return FsspecStore(fs, root, text)
+    store = FsspecStore(fs, root, text)
+    store.origin = (text, storage_options)
+    return store

@@ -3,9 +3,11 @@ background, to a second directory (any store, usually an object store) that a ne
 resumes from.
 
 :class:`Replica` owns the replica's store, its checkpoints (as the local tier's: listed,
-cleaned of dead writers' leftovers, scored once), one copy thread and the replica's
-retention; :class:`Tiers` is what the manager calls (a no-op without a replica). Call
-order, as the manager uses it:
+cleaned of dead writers' leftovers, scored once), one copy thread (which hands copies to a
+remote store to a niced child process of its own, :mod:`checkpointer.replica_process`, so
+that the copy's Python work does not hold this process's GIL) and the replica's retention;
+:class:`Tiers` is what the manager calls (a no-op without a replica). Call order, as the
+manager uses it:
 
 1. :meth:`Replica.open` (rank 0, at construction): clean up, list (a replica that does not
    list is a warning, listed again before the next copy), and queue a copy of the newest
@@ -58,9 +60,11 @@ from .distributed import Coordinator, run_on_primary
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, StorageError
 from .index import Entry, entry_from_manifest, load_entries, write_index_quietly
 from .info import Checkpoint, CheckpointInfo
+from .manifest import read_manifest
 from .monitor import Monitor
 from .plan import CheckpointWarning, Scored, decode_scored, encode_scored, kept_index_config
 from .replica import copy_with_manifest
+from .replica_process import CopyProcess, child_request
 from .restoring import load_first
 from .retention import Retention, check_limit
 from .sharding import ShardSpec
@@ -158,6 +162,7 @@ class Replica:
         self._due: _Copy | None = None  # the newest checkpoint that should reach the replica
         self._reached = True
         self._error: BaseException | None = None
+        self._process: CopyProcess | None = None  # the copies' child process, when they run in one
 
     # -- rank 0: open, queue, copy -------------------------------------------------------
 
@@ -225,7 +230,12 @@ class Replica:
         try:
             if not self._listed:
                 self._list()
-            committed, manifest = copy_with_manifest(job.source, name, self.store)
+            request = child_request(job.source.origin, self.store.origin)
+            if request is None:
+                committed, manifest = copy_with_manifest(job.source, name, self.store)
+            else:  # in a process of its own: the copy's Python work off this one's GIL
+                committed = self._child(request).copy(name)
+                manifest = read_manifest(self.store, name)
         except (CheckpointError, OSError) as exc:
             self._error = exc
             self._warn(f"replication of {job.source.url_of(name)} to {self.store.url} failed ({exc}); "
@@ -244,6 +254,13 @@ class Replica:
                                                              "mode": self._monitor.mode}
         write_index_quietly(self.store, [s.entry for s in self.entries], config)
         return name, entry.seq
+
+    def _child(self, request: dict[str, Any]) -> CopyProcess:
+        if self._process is None or self._process.request != request:
+            if self._process is not None:
+                self._process.close()
+            self._process = CopyProcess(request)
+        return self._process
 
     def _list(self) -> None:
         self.entries, _, self._config = open_tier(self.store, self._monitor, self._score, " in the replica")
@@ -272,6 +289,9 @@ class Replica:
         if due is not None and not self._reached:
             self._queue(due)
             self.wait()
+        if self._process is not None:
+            self._process.close()
+            self._process = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

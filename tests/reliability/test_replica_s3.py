@@ -26,7 +26,7 @@ from _checks import check_directory
 from _relcommon import AWS_ENV, _child_env, s3_options
 
 import checkpointer
-from checkpointer import CheckpointManager, StorageError
+from checkpointer import CheckpointManager, StorageError, tiers
 from checkpointer.cli import main as cli_main
 from checkpointer.plan import CheckpointWarning
 
@@ -126,6 +126,20 @@ def _partial_copy(client: Any, prefix: str) -> str | None:
         if "manifest.msgpack" not in bases and 0 < len(data) <= 8:
             return folder
     return None
+
+
+def test_copies_to_s3_run_in_a_child_process(tmp_path: Path, s3_dir: str, s3_endpoint: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def in_this_process(*_: Any) -> None:
+        raise AssertionError("copied in the training process")
+
+    monkeypatch.setattr(tiers, "copy_with_manifest", in_this_process)  # the child has the real one
+    opts = s3_options(s3_endpoint)
+    with CheckpointManager(tmp_path / "local", replica=s3_dir, replica_storage_options=opts) as mgr:
+        mgr.save(state(1), step=1)
+    with CheckpointManager(s3_dir, storage_options=opts) as there:
+        assert [c.step for c in there.checkpoints] == [1]
+        assert (there.restore().state["w"] == 1).all()
 
 
 def test_a_kill_during_replication_leaves_whole_checkpoints_and_the_next_run_catches_up(
