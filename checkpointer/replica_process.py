@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import queue
 import signal
@@ -47,16 +48,18 @@ from . import errors
 from .async_save import NICE
 from .commit import Committed
 from .errors import CheckpointError, StorageError
-from .replica import copy_checkpoint
-from .storage import open_store
+from .manifest import Manifest, read_manifest
+from .replica import copy_checkpoint, copy_with_manifest
+from .storage import Store, open_store
 
-__all__ = ["child_request", "CopyProcess", "MODE"]
+__all__ = ["child_request", "Copier", "CopyProcess", "CopyProcessError", "MODE"]
 
 MODE = "auto"
 """When copies go to a child: ``"auto"`` (to remote stores), ``"always"`` (local folders
 too, where a URL allows it) or ``"never"`` (in the replica's thread)."""
 
 _IGNORED = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
+log = logging.getLogger("checkpointer")
 _STDERR_TAIL = 2000
 _PR_SET_PDEATHSIG = 1
 
@@ -86,6 +89,10 @@ def _protocol(url: str) -> str:
     return head.split("::")[0] if sep else "file"
 
 
+class CopyProcessError(StorageError):
+    """The copy process could not start, or died without an answer."""
+
+
 class CopyProcess:
     """A child process that copies checkpoints as ``request`` (from :func:`child_request`)
     says, started at the first copy and kept for the next ones (its imports and its
@@ -100,8 +107,8 @@ class CopyProcess:
         """Copy checkpoint ``name``; what the commit reports.
 
         Raises:
-            CheckpointError: the copy's own error (the same class), or :class:`StorageError`
-                when the child could not start or died without an answer.
+            CheckpointError: the copy's own error (the same class).
+            CopyProcessError: the child could not start, or died without an answer.
         """
         proc = self._proc if self._proc is not None and self._proc.poll() is None else self._start()
         assert proc.stdin is not None and proc.stdout is not None
@@ -113,7 +120,7 @@ class CopyProcess:
             answer = ""
         if not answer:  # it died: say how, and start a new one next time
             status, tail = self._stop(), self._tail()
-            raise StorageError(f"the replica copy process died (exit status {status}) without an answer"
+            raise CopyProcessError(f"the replica copy process died (exit status {status}) without an answer"
                                + (f": {tail}" if tail else ""))
         return _outcome(answer)
 
@@ -125,7 +132,7 @@ class CopyProcess:
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
                                     text=True, close_fds=True)
         except OSError as exc:
-            raise StorageError(f"cannot start the replica copy process: {exc}") from exc
+            raise CopyProcessError(f"cannot start the replica copy process: {exc}") from exc
         assert proc.stdin is not None
         with contextlib.suppress(OSError):  # a child that died at once: seen at the answer
             proc.stdin.write(json.dumps(self.request) + "\n")
@@ -157,6 +164,40 @@ class CopyProcess:
         if self._err is not None:
             self._err.close()
             self._err = None
+
+
+class Copier:
+    """The replica tier's copies: in a :class:`CopyProcess` where :func:`child_request`
+    allows one, else in the caller's thread. A child that cannot start or dies sends the
+    copies to the caller's thread from then on (a warning). One caller at a time."""
+
+    def __init__(self) -> None:
+        self._process: CopyProcess | None = None
+        self._broken = False
+
+    def copy(self, source: Store, name: str, dest: Store) -> tuple[Committed, Manifest]:
+        """:func:`~checkpointer.replica.copy_with_manifest` of checkpoint ``name`` (the
+        manifest read back from ``dest`` when a child copied)."""
+        request = None if self._broken else child_request(source.origin, dest.origin)
+        if request is None:
+            return copy_with_manifest(source, name, dest)
+        if self._process is None or self._process.request != request:
+            self.close()
+            self._process = CopyProcess(request)
+        try:
+            committed = self._process.copy(name)
+        except CopyProcessError as exc:
+            self.close()
+            self._broken = True
+            log.warning("%s; copying to %s in this process from now on", exc, dest.url)
+            return copy_with_manifest(source, name, dest)
+        return committed, read_manifest(dest, name)
+
+    def close(self) -> None:
+        """Stop the child, if one runs (a later copy starts another)."""
+        if self._process is not None:
+            self._process.close()
+            self._process = None
 
 
 def _outcome(answer: str) -> Committed:

@@ -60,11 +60,9 @@ from .distributed import Coordinator, run_on_primary
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, StorageError
 from .index import Entry, entry_from_manifest, load_entries, write_index_quietly
 from .info import Checkpoint, CheckpointInfo
-from .manifest import read_manifest
 from .monitor import Monitor
 from .plan import CheckpointWarning, Scored, decode_scored, encode_scored, kept_index_config
-from .replica import copy_with_manifest
-from .replica_process import CopyProcess, child_request
+from .replica_process import Copier
 from .restoring import load_first
 from .retention import Retention, check_limit
 from .sharding import ShardSpec
@@ -162,7 +160,7 @@ class Replica:
         self._due: _Copy | None = None  # the newest checkpoint that should reach the replica
         self._reached = True
         self._error: BaseException | None = None
-        self._process: CopyProcess | None = None  # the copies' child process, when they run in one
+        self._copier = Copier()
 
     # -- rank 0: open, queue, copy -------------------------------------------------------
 
@@ -230,12 +228,7 @@ class Replica:
         try:
             if not self._listed:
                 self._list()
-            request = child_request(job.source.origin, self.store.origin)
-            if request is None:
-                committed, manifest = copy_with_manifest(job.source, name, self.store)
-            else:  # in a process of its own: the copy's Python work off this one's GIL
-                committed = self._child(request).copy(name)
-                manifest = read_manifest(self.store, name)
+            committed, manifest = self._copier.copy(job.source, name, self.store)
         except (CheckpointError, OSError) as exc:
             self._error = exc
             self._warn(f"replication of {job.source.url_of(name)} to {self.store.url} failed ({exc}); "
@@ -254,13 +247,6 @@ class Replica:
                                                              "mode": self._monitor.mode}
         write_index_quietly(self.store, [s.entry for s in self.entries], config)
         return name, entry.seq
-
-    def _child(self, request: dict[str, Any]) -> CopyProcess:
-        if self._process is None or self._process.request != request:
-            if self._process is not None:
-                self._process.close()
-            self._process = CopyProcess(request)
-        return self._process
 
     def _list(self) -> None:
         self.entries, _, self._config = open_tier(self.store, self._monitor, self._score, " in the replica")
@@ -289,9 +275,7 @@ class Replica:
         if due is not None and not self._reached:
             self._queue(due)
             self.wait()
-        if self._process is not None:
-            self._process.close()
-            self._process = None
+        self._copier.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import checkpointer
-from checkpointer import CheckpointManager, StorageError, replica_process, tiers
+from checkpointer import CheckpointManager, StorageError, replica_process
 from checkpointer.errors import ChecksumMismatchError
 from checkpointer.owners import HOST, owner_is_dead
 from checkpointer.plan import CheckpointWarning
@@ -60,7 +60,7 @@ def test_the_manager_copies_in_a_child_that_commits_whole_checkpoints(monkeypatc
     def in_this_process(*_: Any) -> None:
         raise AssertionError("copied in the training process")
 
-    monkeypatch.setattr(tiers, "copy_with_manifest", in_this_process)  # the child has the real one
+    monkeypatch.setattr(replica_process, "copy_with_manifest", in_this_process)  # the child has the real one
     rep = str(tmp_path / "rep")
     with CheckpointManager(tmp_path / "local", replica=rep, async_save=async_save, monitor="loss") as mgr:
         for step in (1, 2):
@@ -112,6 +112,19 @@ def test_a_child_that_dies_without_an_answer_is_a_storage_error(monkeypatch, tmp
     checkpointer.save(tmp_path / "x", {"w": np.zeros(2)})
     assert child.copy("x").nbytes > 0
     child.close()
+
+
+def test_a_child_that_cannot_run_sends_the_copies_to_the_thread(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(replica_process, "MODE", "always")
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # as an embedded interpreter would be
+    rep = tmp_path / "rep"
+    with CheckpointManager(tmp_path / "local", replica=rep) as mgr:
+        for step in (1, 2):
+            mgr.save({"w": np.full(8, step, np.float32)}, step=step)
+            mgr.wait()
+    assert [c.name for c in CheckpointManager(rep).checkpoints] == ["step-000000001", "step-000000002"]
+    said = [r.getMessage() for r in caplog.records if "in this process from now on" in r.getMessage()]
+    assert len(said) == 1 and "died" in said[0]  # once: the second copy went to the thread at once
 
 
 PARENT = textwrap.dedent("""

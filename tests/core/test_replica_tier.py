@@ -17,7 +17,7 @@ import pytest
 from _ranks import RANKS, ThreadCoordinator, run_ranks
 
 import checkpointer
-from checkpointer import CheckpointManager, ConfigurationError, StorageError, tiers
+from checkpointer import CheckpointManager, ConfigurationError, StorageError, replica_process
 from checkpointer.plan import CheckpointWarning
 from checkpointer.storage import open_store
 
@@ -226,14 +226,14 @@ def _gate(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[str], 
     """Copies wait for the event: a slow replica, deterministic. The semaphore counts the
     copies that started."""
     release, started, began = threading.Event(), [], threading.Semaphore(0)
-    real = tiers.copy_with_manifest
+    real = replica_process.copy_with_manifest
 
     def slow(src: Any, name: str, dst: Any) -> Any:
         started.append(name)
         began.release()
         assert release.wait(60), "the test never released the replica"
         return real(src, name, dst)
-    monkeypatch.setattr(tiers, "copy_with_manifest", slow)
+    monkeypatch.setattr(replica_process, "copy_with_manifest", slow)
     return release, started, began
 
 

@@ -26,7 +26,7 @@ from _checks import check_directory
 from _relcommon import AWS_ENV, _child_env, s3_options
 
 import checkpointer
-from checkpointer import CheckpointManager, StorageError, tiers
+from checkpointer import CheckpointManager, StorageError, replica_process
 from checkpointer.cli import main as cli_main
 from checkpointer.plan import CheckpointWarning
 
@@ -133,7 +133,7 @@ def test_copies_to_s3_run_in_a_child_process(tmp_path: Path, s3_dir: str, s3_end
     def in_this_process(*_: Any) -> None:
         raise AssertionError("copied in the training process")
 
-    monkeypatch.setattr(tiers, "copy_with_manifest", in_this_process)  # the child has the real one
+    monkeypatch.setattr(replica_process, "copy_with_manifest", in_this_process)  # the child has the real one
     opts = s3_options(s3_endpoint)
     with CheckpointManager(tmp_path / "local", replica=s3_dir, replica_storage_options=opts) as mgr:
         mgr.save(state(1), step=1)
