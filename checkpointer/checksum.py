@@ -18,7 +18,7 @@ from typing import Any
 
 import crc32c as _crc
 
-__all__ = ["crc32c", "block_crcs", "crc_of_blocks", "chain_crc"]
+__all__ = ["crc32c", "block_crcs", "crc_of_blocks", "chain_crc", "crcs_later"]
 
 
 def crc32c(data: Any, value: int = 0) -> int:
@@ -106,6 +106,16 @@ if hasattr(os, "register_at_fork"):  # a forked child has no helper thread: star
 
 def _crc_after(prev: Future[int] | None, chunk: memoryview) -> int:
     return crc32c(chunk, 0 if prev is None else prev.result())
+
+
+def crcs_later(views: Sequence[memoryview]) -> Future[list[int]]:
+    """The crc32c of each of ``views``, on the helper thread (one task for all of them)."""
+    try:
+        return _crc_pool().submit(lambda: [crc32c(v) for v in views])
+    except RuntimeError:  # the interpreter is shutting down: no new work for threads
+        done: Future[list[int]] = Future()
+        done.set_result([crc32c(v) for v in views])
+        return done
 
 
 def chain_crc(prev: Future[int] | None, chunk: memoryview) -> Future[int]:

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import BinaryIO
 
 import numpy as np
 
-from .checksum import chain_crc, crc32c, crc_of_blocks
+from .checksum import chain_crc, crc32c, crc_of_blocks, crcs_later
 from .dtypes import safetensors_to_numpy
 from .errors import (
     CheckpointNotFoundError,
@@ -52,6 +53,9 @@ __all__ = ["open_checked", "checked_header", "open_data", "entry_of", "read_tens
 _OWN = 4 << 20
 _PIPELINE = 16 << 20
 _PIPE_CHUNK = 8 << 20
+_RUN_CHUNK = 4 << 20  # small tensors' reads: smaller chunks, so their checksums start sooner
+# the checksum helper thread helps only when another core can run it
+_SPARE_CORE = len(os.sched_getaffinity(0)) > 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > 1
 _READ_CHUNK = 64 << 20
 _CHUNK = 8 << 20
 
@@ -148,7 +152,7 @@ def read_tensors(
     crc32c (only computed when ``expected_crc`` is given).
     """
     out: dict[str, np.ndarray] = {}
-    crcs: list[tuple[str, int | Future[int]]] = []
+    crcs: list[tuple[list[str], Callable[[], list[int]]]] = []
     for run in _runs(entries):
         start, end = run[0].begin, run[-1].end
         if len(run) == 1 and end - start >= _OWN:
@@ -160,20 +164,13 @@ def read_tensors(
             buf = memoryview(arena)  # type: ignore[arg-type]
             for e in run:
                 out[e.key] = arena[e.begin - start:e.end - start].view(e.dtype).reshape(e.shape)
-        # a big tensor is checksummed chunk by chunk on a helper thread while the next
-        # chunk is read (both release the GIL), so verification hides behind the reads
-        piped = expected_crc is not None and len(run) == 1 and len(buf) >= _PIPELINE
-        chain = _read_run(f, run, buf, piped, where)
-        if chain is not None:
-            crcs.append((run[0].key, chain))
-        elif expected_crc is not None:
-            crcs += [(e.key, crc32c(buf[e.begin - start:e.end - start])) for e in run]
+        crcs += _read_run(f, run, buf, expected_crc is not None, where)
     chained = []
-    for key, c in crcs:
-        t_crc = c if isinstance(c, int) else c.result()
-        if t_crc != expected_crc[key]:  # type: ignore[index]
-            raise ChecksumMismatchError(f"{where}: tensor {key!r:.80} fails its crc32c checksum")
-        chained.append(t_crc)
+    for keys, result in crcs:
+        for key, t_crc in zip(keys, result(), strict=True):
+            if t_crc != expected_crc[key]:  # type: ignore[index]
+                raise ChecksumMismatchError(f"{where}: tensor {key!r:.80} fails its crc32c checksum")
+            chained.append(t_crc)
     if chained:  # the same chain as one crc32c call per tensor, in one call
         file_crc = crc32c(struct.pack(f"<{len(chained)}I", *chained), file_crc)
     return out, file_crc
@@ -196,22 +193,45 @@ def _runs(entries: Iterable[HeaderEntry]) -> Iterator[list[HeaderEntry]]:
         yield run
 
 
-def _read_run(f: BinaryIO, run: list[HeaderEntry], buf: memoryview, piped: bool,
-              where: str) -> Future[int] | None:
-    """Fill ``buf`` from the file range of ``run``; the crc32c chain when ``piped``."""
-    f.seek(run[0].begin)
-    step = _PIPE_CHUNK if piped else _READ_CHUNK
+def _read_run(f: BinaryIO, run: list[HeaderEntry], buf: memoryview, verify: bool, where: str
+              ) -> list[tuple[list[str], Callable[[], list[int]]]]:
+    """Fill ``buf`` from the file range of ``run``; with ``verify``, each tensor's crc32c
+    as ``(keys, their crcs)`` batches. In a buffer of ``_PIPELINE`` bytes or more the
+    checksums run on the helper thread while the next chunk is read (both release the
+    GIL): a big tensor's as one chain over its chunks, small ones in one task per chunk
+    for the tensors that chunk completed."""
+    start = run[0].begin
+    f.seek(start)
+    piped = verify and len(buf) >= _PIPELINE and _SPARE_CORE
+    step = _READ_CHUNK if not piped else _PIPE_CHUNK if len(run) == 1 else _RUN_CHUNK
     chain: Future[int] | None = None
-    got = 0
+    batches: list[tuple[list[str], Callable[[], list[int]]]] = []
+    got = done = 0  # bytes read; tensors whose checksum is under way
     while got < len(buf):
         n = f.readinto(buf[got:got + step])  # type: ignore[attr-defined]
         if not n:
-            key = next(e.key for e in run if e.end > run[0].begin + got)
+            key = next(e.key for e in run if e.end > start + got)
             raise TruncatedFileError(f"{where}: tensor {key!r:.80} is cut short")
-        if piped:
+        if piped and len(run) == 1:
             chain = chain_crc(chain, buf[got:got + n])
         got += n
-    return chain
+        if piped and len(run) > 1:
+            k = done
+            while k < len(run) and run[k].end - start <= got:
+                k += 1
+            if k > done:
+                later = crcs_later([buf[e.begin - start:e.end - start] for e in run[done:k]])
+                batches.append(([e.key for e in run[done:k]], later.result))
+                done = k
+    if not verify:
+        return []
+    if chain is not None:
+        whole = chain
+        return [([run[0].key], lambda: [whole.result()])]
+    if not piped:
+        views = [buf[e.begin - start:e.end - start] for e in run]
+        return [([e.key for e in run], lambda: [crc32c(v) for v in views])]
+    return batches
 
 
 def read_rows(f: BinaryIO, where: str, e: HeaderEntry, rows: list[tuple[int, int, np.ndarray]],
