@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Container, Sequence
-from typing import Any, BinaryIO, NamedTuple, Protocol
+from collections.abc import Callable, Container, Sequence
+from typing import Any, BinaryIO, NamedTuple, Protocol, TypeAlias
 
 import numpy as np
 
@@ -216,11 +216,20 @@ def _parse_json(raw: bytes, where: str) -> Any:
         raise HeaderError(f"{where}: header is not valid JSON ({exc})") from None
 
 
-def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEntry], int]:
+Match: TypeAlias = Callable[[dict[str, Any], int], "list[HeaderEntry] | None"]
+"""``match(header, base)``: the entries, when the parsed ``header`` (``__metadata__`` popped)
+is exactly what the caller expects (offsets relative to ``base``); ``None`` otherwise."""
+
+
+def read_header(f: BinaryIO, file_size: int, where: str, match: Match | None = None
+                ) -> tuple[list[HeaderEntry], int]:
     """Parse and validate the safetensors header of ``f`` (positioned at 0).
 
     Returns the entries sorted by offset and the crc32c of the header bytes (length
     prefix included), from which :func:`checkpointer.reading.read_tensors` continues the file checksum.
+    ``match`` (see :data:`Match`) may vouch for every entry at once (a reader that knows them
+    from a validated manifest): then they are not validated one by one, which costs most of
+    a header's reading when it lists thousands of tensors.
 
     Raises the specific :class:`HeaderError` / :class:`TruncatedFileError` /
     :class:`TrailingDataError` for each rule broken, and :class:`CheckpointError` when
@@ -241,10 +250,17 @@ def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEnt
             raise HeaderError(f"{where}: header is not a JSON object")
         header.pop("__metadata__", None)
         base = 8 + n
-        entries = [_header_entry(k, v, base, where) for k, v in header.items()]
-        entries.sort(key=lambda e: (e.begin, e.end))
+        entries = match(header, base) if match is not None else None
+        if entries is None:
+            entries = [_header_entry(k, v, base, where) for k, v in header.items()]
+            entries.sort(key=lambda e: (e.begin, e.end))
     except MemoryError:
         raise InsufficientMemoryError(f"{where}: not enough memory to parse its {n}-byte header") from None
+    _check_tiling(entries, base, file_size, where)
+    return entries, crc32c(raw, crc32c(prefix))
+
+
+def _check_tiling(entries: list[HeaderEntry], base: int, file_size: int, where: str) -> None:
     pos = base
     for e in entries:
         if e.begin != pos:
@@ -255,7 +271,6 @@ def read_header(f: BinaryIO, file_size: int, where: str) -> tuple[list[HeaderEnt
         raise TruncatedFileError(f"{where}: data ends at byte {pos}, file has {file_size}")
     if pos < file_size:
         raise TrailingDataError(f"{where}: {file_size - pos} bytes after the last tensor")
-    return entries, crc32c(raw, crc32c(prefix))
 
 
 _LIMIT = 1 << 62

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import checkpointer
-from checkpointer import reading
+from checkpointer import errors, reading
 from checkpointer.errors import ChecksumMismatchError
 from checkpointer.manifest import read_manifest
 from checkpointer.storage import open_store
@@ -63,3 +63,31 @@ def test_a_flipped_byte_anywhere_names_its_tensor(saved, tmp_path, monkeypatch, 
     with pytest.raises(ChecksumMismatchError, match=f"tensor '{key}' fails its crc32c"):
         checkpointer.load(bad)
     assert checkpointer.load(bad, verify=False)  # the bytes are there: only the check refuses
+
+
+def _edit_header(path: Path, old: bytes, new: bytes) -> None:
+    """Replace ``old`` by ``new`` (same length) in the header of the data file at ``path``."""
+    assert len(old) == len(new)
+    data = next(path.glob("*.safetensors"))
+    raw = bytearray(data.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    at = raw.index(old, 8, 8 + n)
+    raw[at:at + len(old)] = new
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("old,new,error", [
+    (b'"dtype":"F32","shape":[4]', b'"dtype":"Q32","shape":[4]', "UnsupportedDtypeError"),
+    (b'"dtype":"F32","shape":[4]', b'"dtype":"F32","shape":[5]', "InvalidOffsetsError"),
+    (b'"dtype":"F32","shape":[4]', b'"dtype":"I32","shape":[4]', "ManifestError"),
+    (b'"shape":[4]', b'"shape":[4,', "HeaderError"),
+])
+def test_a_header_unlike_the_manifest_gets_the_error_that_names_it(tmp_path, old, new, error):
+    """Headers that list exactly the manifest's rows skip the per-entry checks; any other
+    is checked entry by entry, so the error says what is wrong."""
+    path = tmp_path / "c"
+    checkpointer.save(path, {"a": np.arange(4, dtype=np.float32), "b": np.arange(3, dtype=np.int64)})
+    _edit_header(path, old, new)
+    with pytest.raises(errors.CheckpointError) as got:
+        checkpointer.load(path, verify=False)
+    assert type(got.value).__name__ == error
