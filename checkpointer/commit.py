@@ -152,7 +152,7 @@ def write_rank_files(store: Store, folder: str, prefix: str, arrays: Sequence[tu
             continue
         fname = f"{prefix}{i:05d}.safetensors"
         blocked = [k for k, _ in group] if pieces is None else pieces
-        with store.writer(f"{folder}/{fname}") as w:
+        with store.writer(f"{folder}/{fname}", sum(a.nbytes for _, a in group)) as w:
             frec, trecs = fmt.write_safetensors(w, fname, group, blocked=blocked)
         files.append(frec)
         tensors += trecs

@@ -66,7 +66,7 @@ def _copy_file(src: Store, rel: str, dst: Store, out: str, row: FileRow, tensors
     where = src.url_of(rel)
     head_end = tensors[0].begin if tensors else row.nbytes
     view = memoryview(buf)
-    with src.open_read(rel) as f, dst.writer(out) as w:
+    with src.open_read(rel) as f, dst.writer(out, row.nbytes) as w:
         head = _stream(f, w, view, head_end, where)
         crcs = []
         at = head_end

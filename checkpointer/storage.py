@@ -29,6 +29,7 @@ from .errors import (
 )
 from .localio import LocalWriter, open_regular
 from .paths import join_url
+from .s3_upload import open_object
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "open_store", "split_url"]
 
@@ -77,8 +78,9 @@ class Store(Protocol):
     def exists(self, rel: str) -> bool: ...
     def read_bytes(self, rel: str) -> bytes: ...
     def open_read(self, rel: str) -> BinaryIO: ...
-    def writer(self, rel: str) -> contextlib.AbstractContextManager[Any]:
-        """A sink whose bytes are durable once the context exits without error."""
+    def writer(self, rel: str, size_hint: int | None = None) -> contextlib.AbstractContextManager[Any]:
+        """A sink whose bytes are durable once the context exits without error;
+        ``size_hint``: about how many bytes will come (object stores pick their upload by it)."""
         ...
     def put_bytes(self, rel: str, data: bytes) -> None:
         """Write ``data`` as file ``rel`` in one piece (one object on object stores)."""
@@ -156,7 +158,7 @@ class LocalStore(_Rooted):
         return _guard(f"opening {self.path(rel)}", lambda: open_regular(self.path(rel)))
 
     @contextlib.contextmanager
-    def writer(self, rel: str) -> Iterator[LocalWriter]:
+    def writer(self, rel: str, size_hint: int | None = None) -> Iterator[LocalWriter]:
         what = f"writing {self.path(rel)}"
         w = _guard(what, lambda: LocalWriter(self.path(rel)))
         try:
@@ -263,9 +265,9 @@ class FsspecStore(_Rooted):
         return f
 
     @contextlib.contextmanager
-    def writer(self, rel: str) -> Iterator[Any]:
+    def writer(self, rel: str, size_hint: int | None = None) -> Iterator[Any]:
         what = f"writing {self.url_of(rel)}"
-        f = _guard(what, lambda: self.fs.open(self.path(rel), "wb"))
+        f = _guard(what, lambda: open_object(self.fs, self.path(rel), size_hint))
         try:
             yield _GuardedWriter(f, what)
         except BaseException:
