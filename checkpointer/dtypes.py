@@ -31,6 +31,9 @@ _NUMPY: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "C64": np.dtype("<c8"),
 }
+NATIVE: frozenset[np.dtype] = frozenset(_NUMPY.values())
+"""The allow-listed numpy dtypes stored as they are (little-endian, not ml_dtypes')."""
+
 # safetensors name -> (ml_dtypes attribute, item size): known without importing ml_dtypes
 _ML: dict[str, tuple[str, int]] = {
     "BF16": ("bfloat16", 2),

@@ -38,7 +38,8 @@ _ROW = 96  # msgpack bytes of a tensor row beyond its key and shape, from above 
 
 def header_bytes(key: str, shape: Sequence[int]) -> int:
     """An upper bound of the bytes ``key``'s entry takes in a safetensors header."""
-    return len(json.dumps(key)) + 80 + 21 * len(shape)
+    plain = key.isascii() and key.isprintable() and '"' not in key and "\\" not in key
+    return (len(key) + 2 if plain else len(json.dumps(key))) + 80 + 21 * len(shape)
 
 
 def _shape_error(key: str, shape: Sequence[int], itemsize: int) -> str | None:
@@ -60,8 +61,12 @@ def check_writable(where: str, skeleton: Any, arrays: Sequence[tuple[str, np.nda
     """
     total = 0
     for key, arr in arrays:
-        bad = _shape_error(key, arr.shape, arr.dtype.itemsize)
-        if bad is None and header_bytes(key, arr.shape) > MAX_HEADER_BYTES - 1024:
+        # an array that holds bytes has dimensions and an extent memory can hold
+        fits = arr.ndim <= MAX_NDIM and arr.size and arr.nbytes < MAX_EXTENT
+        bad = None if fits else _shape_error(key, arr.shape, arr.dtype.itemsize)
+        # a JSON string takes at most 12 bytes per character: only long keys need measuring
+        if bad is None and 12 * len(key) + 2048 > MAX_HEADER_BYTES - 1024 \
+                and header_bytes(key, arr.shape) > MAX_HEADER_BYTES - 1024:
             bad = f"a key of {len(key)} characters: too long for a safetensors header (cap {MAX_HEADER_BYTES} bytes)"
         if bad is not None:
             raise StateTreeError(f"{where}: cannot save {key!r:.200}: {bad}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .dtypes import numpy_to_safetensors, safetensors_to_numpy
+from .dtypes import NATIVE, numpy_to_safetensors, safetensors_to_numpy
 from .errors import ManifestError, StateTreeError
 from .gcpause import without_gc
 from .hints import refuse_checkpoint
@@ -100,6 +100,10 @@ def _utf8(text: str, parts: list[str | int], what: str) -> str:
 
 
 def _leaf(node: Any, parts: list[str | int], arrays: list[tuple[str, np.ndarray]]) -> Any:
+    if type(node) is np.ndarray and node.dtype in NATIVE:  # the common leaf, checked first
+        key = path_key(parts)
+        arrays.append((key, node))
+        return ["a", key]
     if node is None:
         return ["n"]
     if isinstance(node, bool):
