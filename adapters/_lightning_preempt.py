@@ -1,32 +1,24 @@
 """``save_on_preemption`` of the Lightning ``ModelCheckpoint``: watch, agree, stop.
 
-With ``save_on_preemption=True`` (signals from ``preemption_signals``, default SIGTERM and
-SIGUSR1) the next save point after a signal (a training batch end, the end of validation or
-of the training epoch) makes its scheduled saves, then writes the full training state as
-the last checkpoint (``CHECKPOINT_NAME_LAST``, also without ``save_last`` and with
-``save_weights_only``), committed, and stops training (``trainer.should_stop``): ``fit``
-returns normally and ``callback.preempted`` is True. The next
-``trainer.fit(ckpt_path="last")`` resumes from that point; mid-epoch, Lightning needs a
-resumable train loader (``state_dict`` / ``load_state_dict``) to continue the epoch with the
-batches not yet seen. Under DDP a signal on any rank stops every rank at the same point.
+After a signal (``preemption_signals``: SIGTERM, SIGUSR1) the next save point (a training
+batch end, the end of validation or of the training epoch) makes its scheduled saves, then
+:meth:`LightningPreemption.at_save_point` writes the full state as the last checkpoint
+(also without ``save_last`` or with ``save_weights_only``), waits for it, and stops training
+(``trainer.should_stop``): ``fit`` returns, ``callback.preempted`` is True, and
+``trainer.fit(ckpt_path="last")`` resumes there (mid-epoch with a resumable train loader).
+Under DDP a notice on any rank stops every rank at the same point (:meth:`agreed`: one
+all-reduce per save point).
 
 The core's :class:`~checkpointer.preemption.PreemptionWatch` is installed at
-``on_train_start``, after the Trainer has put its own SIGTERM handler in place, so ours runs
-first and then Lightning's; the Trainer's teardown puts back the handlers it found before
-``fit``, which removes ours as well. At each save point the callback asks :meth:`agreed`
-(with several processes one all-reduce: a notice on any rank counts on every rank, at the
-same point), saves, and calls :meth:`stopped`: ``trainer.should_stop``.
-
-Lightning also acts on SIGTERM by itself: it raises ``SIGTERMException`` (a ``SystemExit``)
-after the batch, or in the middle of validation. Once the callback has taken the notice
-over (:meth:`hold`, :meth:`stopped`) it clears the Trainer's flag, so that ``fit`` stops at
-our save and returns normally. A notice during validation waits for the end of validation,
-or, where the callback saves at the end of the training epoch (Lightning's default), for
-that save point, so that the epoch's scheduled checkpoint is written too. A SIGTERM that
-Lightning sees before any of our hooks does (the few lines after the batch-end hooks)
-still ends ``fit`` with Lightning's exception, the last committed checkpoint kept. Under
-DDP, send SIGTERM to every rank, or another signal to any: Lightning 2.6's SIGTERM handler
-runs a collective inside the handler, which desynchronises ranks signalled alone.
+``on_train_start``, after the Trainer's own SIGTERM handler, so ours runs first; the
+Trainer's teardown puts back the handlers it found, ours included. Lightning also raises
+``SIGTERMException`` (a ``SystemExit``) after the batch or inside validation: once we take
+a notice over (:meth:`hold`, :meth:`stopped`) we clear the Trainer's flag, so ``fit`` stops
+at our save. A notice during validation waits for its end, or for the epoch-end save point
+where the callback saves there. A SIGTERM Lightning sees before any of our hooks still ends
+``fit`` with its exception, the last committed checkpoint kept. Under DDP send SIGTERM to
+every rank, or another signal to any: Lightning 2.6's SIGTERM handler runs a collective,
+which desynchronises ranks signalled alone.
 """
 
 from __future__ import annotations
@@ -36,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from checkpointer.preemption import PreemptionWatch, preemption_options
 
@@ -58,6 +51,12 @@ class LightningPreemption:
         self.watch: PreemptionWatch | None = None
         self.done = False  # the preemption save has committed; the trainer was told to stop
 
+    def __eq__(self, other: object) -> bool:  # a pickled callback compares equal (vars)
+        return isinstance(other, LightningPreemption) and (self.signals, self.enabled, self.done) == (
+            other.signals, other.enabled, other.done)
+
+    __hash__ = None  # type: ignore[assignment]
+
     def start(self) -> None:
         """Install the handlers for a new ``fit`` (an earlier notice is dropped)."""
         self.close()
@@ -79,6 +78,21 @@ class LightningPreemption:
         if trainer.world_size > 1:
             return bool(trainer.strategy.reduce_boolean_decision(mine, all=False))
         return mine
+
+    def at_save_point(self, cb: ModelCheckpoint, trainer: pl.Trainer) -> None:
+        """After the save point's scheduled saves: on an agreed notice, write the full state as
+        ``cb``'s last checkpoint through the trainer (an asynchronous plugin's writes are
+        waited for), drop the previous last one, and stop training."""
+        if not self.agreed(trainer):
+            return
+        path = cb.format_checkpoint_name(cb._monitor_candidates(trainer), cb.CHECKPOINT_NAME_LAST)
+        previous, cb.last_model_path = cb.last_model_path, path
+        trainer.save_checkpoint(path, weights_only=False)
+        trainer.strategy.checkpoint_io.teardown()  # AsyncCheckpointIO: committed before the stop
+        cb._last_global_step_saved, cb._last_checkpoint_saved = trainer.global_step, path
+        if previous and previous != path and cb._should_remove_checkpoint(trainer, previous, path):
+            cb._remove_checkpoint(trainer, previous)
+        self.stopped(trainer, path)
 
     def hold(self, trainer: pl.Trainer) -> None:
         """A notice is pending and the next save point will act on it: keep Lightning from

@@ -15,6 +15,8 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 import checkpointer
 from checkpointer.errors import ConfigurationError, StateTreeError
+from checkpointer.removal import remove_checkpoint
+from checkpointer.storage import open_store, split_url
 
 from ._torch_codec import decode, encode
 
@@ -72,13 +74,35 @@ def decode_checkpoint(tree: Any, map_location: Any = None) -> dict[str, Any]:
     return moved
 
 
+def _stored(path: Any) -> str:
+    """Where ``path`` is stored: a leading dot (reserved for the engine's temporary folders)
+    becomes ``_.``."""
+    url = os.fspath(path)
+    head, sep, base = url.rstrip("/").rpartition("/")
+    return f"{head}{sep}_{base}" if base.startswith(".") else url
+
+
+def _scores(checkpoint: dict[str, Any]) -> dict[str, float]:
+    """Each ``ModelCheckpoint`` state's monitored metric and its current score."""
+    out: dict[str, float] = {}
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and isinstance(state.get("monitor"), str):
+            score = state.get("current_score")
+            if isinstance(score, (int, float, torch.Tensor)) and torch.as_tensor(score).numel() == 1:
+                out[state["monitor"]] = float(score)
+    return out
+
+
 class SafeCheckpointIO(CheckpointIO):
     """A Lightning ``CheckpointIO`` plugin writing safetensors + msgpack through fsspec.
 
     ``Trainer(plugins=[SafeCheckpointIO()])`` makes ``trainer.save_checkpoint`` and
     Lightning's own checkpointing write this format, and ``trainer.fit(ckpt_path=...)``
     read it. A checkpoint "file" is a folder (``<path>/manifest.msgpack`` plus
-    ``*.safetensors``), replaced atomically.
+    ``*.safetensors``), replaced atomically; its manifest records the step, the epoch and
+    each ``ModelCheckpoint``'s monitored score (``checkpointer ls`` shows them). A name
+    with a leading dot (Lightning's ``.temp.ckpt`` under ``ddp_spawn``; such names are the
+    engine's own temporary folders) is stored as ``_.<name>``.
 
     Args:
         verify: check every checksum when loading.
@@ -113,10 +137,13 @@ class SafeCheckpointIO(CheckpointIO):
                 "pass SafeCheckpointIO(storage_options=...) instead"
             )
         checkpointer.save(
-            os.fspath(path),
+            _stored(path),
             encode_checkpoint(checkpoint),
             metadata={"writer": "checkpointer.adapters.lightning"},
             storage_options=self.storage_options,
+            step=checkpoint.get("global_step"),
+            epoch=checkpoint.get("epoch"),
+            metrics=_scores(checkpoint),
         )
 
     def load_checkpoint(
@@ -127,15 +154,21 @@ class SafeCheckpointIO(CheckpointIO):
         ``path`` may also name the folder's ``manifest.msgpack``. ``weights_only`` is
         accepted and ignored: this format never runs code on load.
         """
-        url = os.fspath(path)
+        url = _stored(path)
         if url.endswith("/manifest.msgpack"):  # how a remote last checkpoint is named
             url = url[: -len("/manifest.msgpack")]
         tree = checkpointer.load(url, verify=self.verify, storage_options=self.storage_options)
         return decode_checkpoint(tree, map_location)
 
     def remove_checkpoint(self, path: Any) -> None:
-        """Delete the checkpoint folder (or file) at ``path``; absent is fine."""
-        fs, root = fsspec.core.url_to_fs(os.fspath(path), **(self.storage_options or {}))
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-            log.debug("removed checkpoint %s", path)
+        """Delete the checkpoint at ``path`` with the core's safe delete (renamed aside or
+        manifest first; files the engine did not write stay); a link or a plain file is
+        just removed; absent is fine."""
+        url = _stored(path)
+        fs, root = fsspec.core.url_to_fs(url, **(self.storage_options or {}))
+        if os.path.islink(root) or (fs.exists(root) and not fs.isdir(root)):
+            fs.rm_file(root)  # save_last="link"'s link (never what it points to), or a file
+        elif fs.exists(root):
+            parent, name = split_url(url)
+            remove_checkpoint(open_store(parent, self.storage_options), name)
+        log.debug("removed checkpoint %s", path)

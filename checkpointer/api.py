@@ -7,13 +7,14 @@ import time
 from typing import Any
 
 from .commit import write_checkpoint
-from .errors import CheckpointError, CheckpointNotFoundError, StateTreeError
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, StateTreeError
 from .hints import refuse_checkpoint
 from .info import CheckpointInfo
 from .load import load_checkpoint
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .naming import check_name
 from .paths import join_url
+from .plan import clean_metrics
 from .storage import open_store, split_url
 from .tree import flatten, resolve_state, unflatten
 from .version import LIBRARY
@@ -22,10 +23,12 @@ __all__ = ["save", "load", "load_with_manifest", "read_metadata"]
 
 
 def save(url: str | os.PathLike[str], state: Any, *, metadata: Any = None,
-         storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
+         storage_options: dict[str, Any] | None = None, step: int | None = None,
+         epoch: int | None = None, metrics: dict[str, float] | None = None) -> CheckpointInfo:
     """Write ``state`` as the checkpoint folder ``url`` (replacing one already there safely).
 
-    ``metadata`` is any tree of plain values (no arrays), stored in the manifest.
+    ``metadata`` is any tree of plain values (no arrays), stored in the manifest; ``step``,
+    ``epoch`` and ``metrics`` are recorded as a manager's are (``checkpointer ls`` shows them).
 
     Example::
 
@@ -42,10 +45,14 @@ def save(url: str | os.PathLike[str], state: Any, *, metadata: Any = None,
         if meta_arrays:
             raise StateTreeError("metadata must hold plain values only, not arrays")
     now = time.time()
-    fields: dict[str, Any] = {"step": None, "epoch": None, "metrics": {}, "time": now, "managed": False,
-                              "seq": -1, "library": LIBRARY, "metadata": meta_skeleton}
+    for what, value in (("step", step), ("epoch", epoch)):
+        if value is not None and (type(value) is not int or not 0 <= value < 2**63):
+            raise ConfigurationError(f"{what} must be an int >= 0 or None, got {value!r}")
+    scores = clean_metrics(metrics)
+    fields: dict[str, Any] = {"step": step, "epoch": epoch, "metrics": scores, "time": now,
+                              "managed": False, "seq": -1, "library": LIBRARY, "metadata": meta_skeleton}
     nbytes = write_checkpoint(store, name, skeleton, arrays, fields).nbytes
-    return CheckpointInfo(name, store.url_of(name), None, None, {}, now, nbytes)
+    return CheckpointInfo(name, store.url_of(name), step, epoch, scores, now, nbytes)
 
 
 def load_with_manifest(url: str | os.PathLike[str], *, verify: bool = True,

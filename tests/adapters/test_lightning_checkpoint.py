@@ -11,6 +11,7 @@ import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -73,14 +74,18 @@ def test_top_k_and_last_files_and_attributes(tmp_path: Path, async_save: bool) -
     assert cb.kth_best_model_path == str(ck / "epoch=1-step=8.ckpt")
     assert float(cb.kth_value) == pytest.approx(0.3)
     assert cb.last_model_path == str(ck / "last.ckpt")
-    assert float(cb.current_score) == pytest.approx(0.6)
+    assert float(cb.current_score) == pytest.approx(0.2)  # the last score admitted, as Lightning
 
     best = SafeCheckpointIO().load_checkpoint(cb.best_model_path)
     assert best["epoch"] == 3 and best["global_step"] == 16
     last = SafeCheckpointIO().load_checkpoint(cb.last_model_path)
-    assert last["epoch"] == 4
-    for name, tensor in model.state_dict().items():
+    assert last["epoch"] == 3  # Lightning 2.6 writes last.ckpt only at points that saved
+    for name, tensor in best["state_dict"].items():
         assert torch.equal(last["state_dict"][name], tensor), name
+    # the callback state inside a checkpoint is that save's own, not the one before
+    state = best["callbacks"][cb.state_key]
+    assert state["best_model_path"] == cb.best_model_path
+    assert float(state["current_score"]) == pytest.approx(0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t.validate(model, loaders()[1], ckpt_path="best", verbose=False)  # read through the plugin
@@ -143,14 +148,16 @@ class _FakeClock(pl.Callback):
         self.now += 10.0
 
 
-def test_train_time_interval_with_a_fake_clock(tmp_path: Path) -> None:
+def test_train_time_interval_with_a_fake_clock(tmp_path: Path, monkeypatch) -> None:
+    from lightning.pytorch.callbacks import model_checkpoint
+
     clock = _FakeClock()
+    monkeypatch.setattr(model_checkpoint, "time", SimpleNamespace(monotonic=clock))  # its timer
     cb = ModelCheckpoint(
         dirpath=tmp_path / "ck",
         train_time_interval=timedelta(seconds=25),
         save_top_k=-1,
         filename="{step}",
-        clock=clock,
     )
     _fit(tmp_path, 2, cb, extra=[clock])
     assert _names(tmp_path / "ck") == ["step=3.ckpt", "step=6.ckpt"]
@@ -213,14 +220,17 @@ def test_encode_checkpoint_keeps_int_keys_and_refuses_objects() -> None:
         {"mode": "auto"},
         {"save_top_k": 3},  # no monitor to rank by
         {"every_n_train_steps": 2, "every_n_epochs": 1},
-        {"train_time_interval": 5},
-        {"save_last": "sometimes"},
-        {"filename": "a/{epoch}"},
+        {"every_n_epochs": -1},
+        {"async_save": "yes"},
     ],
 )
 def test_bad_options_fail_at_construction(kwargs: dict) -> None:
-    with pytest.raises(ConfigurationError):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(ConfigurationError) as info:
         ModelCheckpoint(**kwargs)
+    assert isinstance(info.value, MisconfigurationException)  # what Lightning users catch
+    assert isinstance(info.value, ValueError)
 
 
 def _script():
