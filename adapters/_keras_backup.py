@@ -1,18 +1,14 @@
-"""``BackupAndRestore``: Keras's fault-tolerance callback, stored in this project's format.
+"""``BackupAndRestore``: Keras's fault-tolerance callback, through the manager.
 
-Mirrors ``keras.callbacks.BackupAndRestore``: a backup (weights, optimizer variables, the
-epoch to resume at and the batches already done in it) is written at the end of each epoch or
-every ``save_freq`` batches; ``on_train_begin`` restores the newest backup and sets
-``model._initial_epoch`` so that ``fit`` resumes at the right epoch; a successful ``fit``
-deletes the backups. Keras 3's trainer cannot start mid-epoch, so a backup taken after batch
-``k`` is resumed by running the first ``k`` batches of that epoch and restoring the backed-up
-state after each of them: the weights continue exactly where they were (with the same data
-order, e.g. ``shuffle=False``).
-
-With ``save_on_preemption=True`` a preemption signal (SIGTERM, SIGUSR1 by default) makes
-the next batch end (or epoch end) write a backup of exactly that point, whatever
-``save_freq`` says; training then stops (``model.stop_training``), ``fit`` returns normally,
-and the backups are kept: the next run resumes mid-epoch from that batch.
+A backup (weights, optimizer variables, the epoch to resume at and the batches already done
+in it) is a checkpoint of this project's format, written at the end of each epoch or every
+``save_freq`` batches; ``on_train_begin`` restores the newest and sets
+``model._initial_epoch``; a successful ``fit`` deletes the backups. Keras 3's trainer cannot
+start mid-epoch, so a backup taken after batch ``k`` is resumed by running the first ``k``
+batches of that epoch and restoring the backed-up state after each: the weights continue
+exactly where they were (with the same data order). With ``save_on_preemption=True`` a
+signal makes the next batch (or epoch) end back up exactly that point and stop training;
+the backups are kept, and the next run resumes there.
 """
 
 from __future__ import annotations
@@ -22,15 +18,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import fsspec
 import keras
 
 from checkpointer import CheckpointInfo, CheckpointManager
 from checkpointer.errors import ConfigurationError
 from checkpointer.preemption import DEFAULT_SIGNALS
+from checkpointer.storage import open_store
 
-from ._keras_common import BatchCounter, PreemptionStop, check_save_freq
-from ._keras_state import load_state, to_state
+from ._keras_common import RESUMED, BatchCounter, PreemptionStop, check_save_freq
+from ._keras_state import global_step, load_state, to_state
 
 __all__ = ["BackupAndRestore"]
 
@@ -47,12 +43,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             fails verification.
         delete_checkpoint: delete ``backup_dir`` when ``fit`` completes (not after a
             preemption stop, whose backup the next run resumes from).
-        save_on_preemption: on a signal in ``preemption_signals``, back up at the next batch
-            end (or epoch end) and stop training (an extension; see the module docstring).
-            The handlers are installed from ``on_train_begin`` to ``on_train_end``, on the
-            main thread, and chain the handlers they replace. One process only.
-        preemption_signals: signal names or numbers (default SIGTERM and SIGUSR1).
-        storage_options: passed to fsspec (an extension).
+        save_on_preemption, preemption_signals: on such a signal, back up at the next batch
+            (or epoch) end and stop training; installed from ``on_train_begin`` to
+            ``on_train_end`` (main thread, chaining the handlers they replace). One process.
+        storage_options: passed to fsspec.
 
     Raises:
         ConfigurationError: an empty ``backup_dir``, an invalid ``save_freq`` or preemption
@@ -64,31 +58,23 @@ class BackupAndRestore(keras.callbacks.Callback):
         >>> cb.preempted   # True: stopped by a signal; rerun to resume mid-epoch
     """
 
-    def __init__(
-        self,
-        backup_dir: str | os.PathLike[str],
-        save_freq: str | int | bool = "epoch",
-        double_checkpoint: bool = False,
-        delete_checkpoint: bool = True,
-        *,
-        save_on_preemption: bool = False,
-        preemption_signals: Sequence[str | int] = DEFAULT_SIGNALS,
+    def __init__(  # Keras's arguments, then the extensions (keyword-only)
+        self, backup_dir: str | os.PathLike[str], save_freq: str | int | bool = "epoch",
+        double_checkpoint: bool = False, delete_checkpoint: bool = True, *,
+        save_on_preemption: bool = False, preemption_signals: Sequence[str | int] = DEFAULT_SIGNALS,
         storage_options: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__()
         if not backup_dir:
             raise ConfigurationError("Empty `backup_dir` argument passed")
         self.backup_dir = os.fspath(backup_dir)
-        self.save_freq = check_save_freq(save_freq, allow_false=True)
-        self.double_checkpoint, self.delete_checkpoint = (
-            bool(double_checkpoint),
-            bool(delete_checkpoint),
-        )
+        self.save_freq = check_save_freq(save_freq, backup=True)
+        self.double_checkpoint, self.delete_checkpoint = bool(double_checkpoint), bool(delete_checkpoint)
         self.storage_options = storage_options
         self._preemption = PreemptionStop(save_on_preemption, preemption_signals)
         self._manager: CheckpointManager | None = None
         self._counter: BatchCounter | None = None
-        self._epoch = 0
+        self._current_epoch = 0  # the epoch a backup resumes at (Keras's name)
         self._batches_done = 0
         self._replay: tuple[dict[str, Any], int, int] | None = None  # (state, epoch, batches)
 
@@ -98,20 +84,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             raise ConfigurationError(
                 "To use the BackupAndRestore callback, your model must be built before you call "
                 f"`fit()`. Model {model} is unbuilt. You can build it beforehand by calling it "
-                "on a batch of data."
-            )
-        self._counter = (
-            BatchCounter(self.save_freq)
-            if isinstance(self.save_freq, int) and self.save_freq is not False
-            else None
-        )
+                "on a batch of data.")
+        freq = self.save_freq
+        self._counter = BatchCounter(freq) if isinstance(freq, int) and freq is not False else None
         self._replay = None
-        self._manager = CheckpointManager(
-            self.backup_dir,
-            every_n_epochs=None,
-            keep_last=2 if self.double_checkpoint else 1,
-            storage_options=self.storage_options,
-        )
+        self._manager = CheckpointManager(self.backup_dir, every_n_epochs=None,
+                                          keep_last=2 if self.double_checkpoint else 1,
+                                          storage_options=self.storage_options)  # fmt: skip
         self._preemption.start()
         if self._manager.latest is None:
             return
@@ -120,24 +99,21 @@ class BackupAndRestore(keras.callbacks.Callback):
         load_state(model, state)
         epoch, batches = int(state["epoch"]), int(state["batch"])
         model._initial_epoch = epoch
-        _log.info(
-            "restored %s: resuming at epoch %d after batch %d",
-            checkpoint.info.url,
-            epoch + 1,
-            batches,
-        )
+        RESUMED.add(id(model))  # a ModelCheckpoint of this fit keeps its earlier best
+        _log.info("restored %s: resuming at epoch %d after batch %d", checkpoint.info.url, epoch + 1,
+                  batches)  # fmt: skip
         if batches > 0:
             self._replay = (state, epoch, batches)
             if self._counter is not None:  # as if the counter had just fired at that batch
                 self._counter.last, self._counter.seen = batches - 1, 0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self._epoch, self._batches_done = epoch, 0
+        self._current_epoch, self._batches_done = epoch, 0
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._replay is not None:
             state, epoch, batches = self._replay
-            if self._epoch == epoch and batch < batches:
+            if self._current_epoch == epoch and batch < batches:
                 load_state(self.model, state)  # undo a batch the backup already contains
                 self._batches_done = batch + 1
                 if batch + 1 >= batches:
@@ -155,7 +131,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self._preemption.done:
             return  # stopped mid-epoch: the backup holds that batch, not a finished epoch
-        self._epoch, self._batches_done = epoch + 1, 0
+        self._current_epoch, self._batches_done = epoch + 1, 0
         if self._counter is not None:
             self._counter.last = None
         saved = self._save() if self.save_freq == "epoch" else None
@@ -163,14 +139,15 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.model._initial_epoch = None  # a later fit() starts from its own initial_epoch
+        RESUMED.discard(id(self.model))
         self._preemption.close()
         if self._manager is not None:
             self._manager.close()
             self._manager = None
         if self.delete_checkpoint and not self._preemption.done:
-            fs, root = fsspec.core.url_to_fs(self.backup_dir, **(self.storage_options or {}))
-            if fs.exists(root):
-                fs.rm(root, recursive=True)
+            store = open_store(self.backup_dir, self.storage_options)
+            if store.exists(""):
+                store.remove_tree("")
 
     @property
     def preempted(self) -> bool:
@@ -186,9 +163,8 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _save(self) -> CheckpointInfo:
         assert self._manager is not None, "on_train_begin was not called"
         model = self.model
-        optimizer = getattr(model, "optimizer", None)
-        step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else 0
-        epoch, batches = self._epoch, self._batches_done
+        step = global_step(model)
+        epoch, batches = self._current_epoch, self._batches_done
 
         def state() -> dict[str, Any]:
             tree = to_state(model)

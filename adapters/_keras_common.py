@@ -1,10 +1,9 @@
-"""Small pieces of the Keras callbacks: Keras's argument rules (``mode``, ``save_freq``, a
-weights-only path), its printer and messages, log and path helpers, and the preemption stop."""
+"""Small pieces of the Keras callbacks: Keras's argument rules and messages, its batch
+counting, log and path translation, and the preemption stop."""
 
 from __future__ import annotations
 
 import logging
-import string
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -13,23 +12,13 @@ from checkpointer.errors import ConfigurationError
 from checkpointer.naming import template_fields
 from checkpointer.preemption import PreemptionWatch, preemption_options
 
-from . import _keras_files as files
-
-__all__ = [
-    "check_mode",
-    "check_save_freq",
-    "check_preemption_path",
-    "check_weights_path",
-    "BatchCounter",
-    "print_msg",
-    "print_save",
-    "direction_from_model",
-    "scalar_logs",
-    "split_managed",
-    "PreemptionStop",
-]
+__all__ = ["KERAS_SUFFIXES", "RESUMED", "check_mode", "check_save_freq", "check_preemption_path",
+           "check_weights_path", "BatchCounter", "print_msg", "print_save", "direction_from_model",
+           "scalar_logs", "split_filepath", "PreemptionStop"]  # fmt: skip
 
 _log = logging.getLogger("checkpointer")
+KERAS_SUFFIXES = (".weights.h5", ".keras", ".h5")
+RESUMED: set[int] = set()  # id() of the models a BackupAndRestore restored in the running fit
 
 
 def print_msg(message: str) -> None:
@@ -42,40 +31,28 @@ def print_msg(message: str) -> None:
         keras_print(message)
 
 
-def print_save(
-    verbose: int,
-    epoch: int,
-    monitor: str,
-    best: float | None,
-    value: float | None,
-    path: str | None,
-    ranked: bool,
-) -> None:
-    """Keras's message for a save point (1-based ``epoch``), printed when ``verbose > 0``:
-    ``path`` None means the monitored value did not improve on ``best``; with ``ranked``
-    (save-best) a save says by how much it improved."""
+def print_save(verbose: int, epoch: int, monitor: str, best: float | None, value: float | None,
+               path: str | None, ranked: bool) -> None:  # fmt: skip
+    """Keras's message for a save point (1-based ``epoch``) when ``verbose > 0``: ``path``
+    None means the value did not improve on ``best``; ``ranked`` (save-best) says by how much."""
     if verbose <= 0:
         return
     best_str = "None" if best is None else f"{best:.5f}"
     if path is None:
         print_msg(f"\nEpoch {epoch}: {monitor} did not improve from {best_str}")
     elif ranked:
-        print_msg(
-            f"\nEpoch {epoch}: {monitor} improved from {best_str} to "
-            f"{value:.5f}, saving model to {path}"
-        )
+        print_msg(f"\nEpoch {epoch}: {monitor} improved from {best_str} to {value:.5f}, "
+                  f"saving model to {path}")  # fmt: skip
     else:
         print_msg(f"\nEpoch {epoch}: saving model to {path}")
 
 
 def check_mode(mode: str) -> str:
     """Keras's ``mode`` rule: an unknown mode warns and falls back to ``"auto"``."""
-    if mode not in ("auto", "min", "max"):
-        warnings.warn(
-            f"ModelCheckpoint mode '{mode}' is unknown, fallback to auto mode.", stacklevel=3
-        )
-        return "auto"
-    return mode
+    if mode in ("auto", "min", "max"):
+        return mode
+    warnings.warn(f"ModelCheckpoint mode '{mode}' is unknown, fallback to auto mode.", stacklevel=3)
+    return "auto"
 
 
 def check_weights_path(filepath: str, keras_file: bool, save_weights_only: bool) -> None:
@@ -83,43 +60,37 @@ def check_weights_path(filepath: str, keras_file: bool, save_weights_only: bool)
     if keras_file and save_weights_only and not filepath.endswith(".weights.h5"):
         raise ConfigurationError(
             "When using `save_weights_only=True` in `ModelCheckpoint`, the filepath provided "
-            f"must end in `.weights.h5` (Keras weights format). Received: filepath={filepath}"
-        )
+            f"must end in `.weights.h5` (Keras weights format). Received: filepath={filepath}")
 
 
 def check_preemption_path(enabled: bool, best_only: bool, name: str, filepath: str) -> None:
-    """A preemption save must not replace the best model: with ``save_best_only`` the name
-    needs a field (``{epoch}``, ``{batch}``)."""
+    """With ``save_best_only`` a preemption save needs a name field, or it replaces the best."""
     if enabled and best_only and "{" not in name:
         raise ConfigurationError(
             f"save_on_preemption=True with save_best_only=True and filepath={filepath!r}: the "
             "preemption save would replace the best model with the model at the signal. Put "
             "{epoch} or {batch} in the filepath, or resume with "
-            "BackupAndRestore(save_on_preemption=True)."
-        )
+            "BackupAndRestore(save_on_preemption=True).")
 
 
-def check_save_freq(save_freq: Any, *, allow_false: bool = False) -> str | int | bool:
-    """Validate Keras's ``save_freq``: ``"epoch"`` or a positive number of batches
-    (``False`` too, meaning no scheduled saves, where ``allow_false``)."""
-    if save_freq == "epoch":
-        return "epoch"
-    if allow_false and save_freq is False:
-        return False
+def check_save_freq(save_freq: Any, *, backup: bool = False) -> str | int | bool:
+    """Keras's ``save_freq``: ``"epoch"`` or a positive number of batches (``False`` too for
+    ``BackupAndRestore``: no scheduled backups), refused with the message of Keras's callback
+    (``backup``: ``BackupAndRestore``'s)."""
+    if save_freq == "epoch" or (backup and save_freq is False):
+        return "epoch" if save_freq == "epoch" else False
     if isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1:
+        expected = "'epoch' or a positive integer (a number of batches)"
         raise ConfigurationError(
-            f"Unrecognized save_freq: {save_freq!r}. Expected 'epoch' or a positive integer "
-            "(a number of batches)."
-        )
+            f"Invalid value for argument `save_freq`. Received: save_freq={save_freq!r}. "
+            f"Expected either {expected}." if backup
+            else f"Unrecognized save_freq: {save_freq!r}. Expected {expected}.")  # fmt: skip
     return save_freq
 
 
 class BatchCounter:
-    """Keras's batch counting for an integer ``save_freq``.
-
-    ``batch`` is the index of the last batch run (with ``steps_per_execution`` it jumps);
-    an index not above the previous one starts a new epoch.
-    """
+    """Keras's batch counting for an integer ``save_freq``: ``batch`` is the index of the last
+    batch run (it jumps with ``steps_per_execution``); one not above the previous starts an epoch."""
 
     def __init__(self, every: int) -> None:
         self.every, self.seen = every, 0
@@ -127,10 +98,8 @@ class BatchCounter:
 
     def due(self, batch: int) -> bool:
         """Count the batches up to ``batch``; True (and reset) once ``every`` are reached."""
-        if self.last is None or batch <= self.last:
-            self.seen += batch + 1
-        else:
-            self.seen += batch - self.last
+        new_epoch = self.last is None or batch <= self.last
+        self.seen += batch + 1 if new_epoch or self.last is None else batch - self.last
         self.last = batch
         if self.seen >= self.every:
             self.seen = 0
@@ -149,70 +118,47 @@ def direction_from_model(model: Any, monitor: str) -> str | None:
     return None
 
 
-def scalar_logs(logs: Mapping[str, Any]) -> dict[str, float]:
+def scalar_logs(logs: Mapping[str, Any]) -> dict[str, Any]:
     """The log entries that are scalar numbers, as floats (others cannot be metrics)."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in logs.items():
         try:
             out[key] = float(value.item() if hasattr(value, "item") else value)
         except (TypeError, ValueError, RuntimeError):
-            continue  # non-scalar logs cannot be stored as metrics
+            continue
     return out
 
 
-def split_managed(filepath: str) -> tuple[str, str | None]:
-    """``(directory, filename template)`` for a path in this project's format."""
-    parent, name = files.split_path(filepath.rstrip("/"))
-    if "{" in parent:
-        raise ConfigurationError(
-            f"filepath {filepath!r}: only the last part of a path in this project's format may "
-            "hold {fields}; the folders must be fixed"
-        )
-    if "{" in name or name.endswith(".safetensors"):
+def split_filepath(filepath: str, keras_file: bool) -> tuple[str, str | None, str]:
+    """``(directory, name template, prefix)`` of a callback's ``filepath`` (a plain folder:
+    itself and ``None``); ``prefix``: the folder as written, for messages.
+
+    Raises:
+        ConfigurationError: ``{fields}`` in a folder, or an invalid name template.
+    """
+    text = filepath.rstrip("/")
+    protocol, sep, rest = text.rpartition("://")
+    parent, slash, name = (rest if sep else text).rpartition("/")
+    directory = f"{protocol}://{parent}" if sep else (parent or ("/" if slash else "."))
+    if "{" in directory:
+        raise ConfigurationError(f"filepath {filepath!r}: only the file name may hold "
+                                 "{fields}; the folders must be fixed")  # fmt: skip
+    if keras_file or "{" in name or name.endswith(".safetensors"):
         template_fields(name)
-        return parent, _int_batch_fields(name)
-    return filepath, None
-
-
-def _int_batch_fields(template: str) -> str:
-    """Rewrite ``{batch}`` / ``{batch:02d}`` for a float value: the manager stores metrics
-    (where ``batch`` travels) as floats, and Keras names show the batch as an integer."""
-    out = []
-    for literal, field, spec, conversion in string.Formatter().parse(template):
-        out.append(literal.replace("{", "{{").replace("}", "}}"))
-        if field is None:
-            continue
-        if field == "batch" and not conversion and (not spec or spec.endswith("d")):
-            spec = (spec[:-1] if spec else "") + ".0f"
-        out.append(
-            "{"
-            + field
-            + (f"!{conversion}" if conversion else "")
-            + (f":{spec}" if spec else "")
-            + "}"
-        )
-    return "".join(out)
+        return directory, name, filepath[: len(filepath) - len(name)]
+    return filepath, None, text + "/"
 
 
 class PreemptionStop:
-    """``save_on_preemption`` of a Keras callback.
-
-    From ``on_train_begin`` (:meth:`start`) to ``on_train_end`` (:meth:`close`) the core's
-    :class:`~checkpointer.preemption.PreemptionWatch` is installed: its handler only records
-    the notice (and calls the handler it replaced). The callback asks :meth:`due` at each
-    batch end and epoch end; when a notice is due it saves there, whatever its schedule says,
-    waits until that save has committed, then calls :meth:`stopped`, which sets
-    ``model.stop_training``. One process only: every process watches its own signals.
-
-    Several callbacks each install a watch on top of the previous one, and Keras ends them
-    in list order, oldest first; a watch can only put its predecessor back while it is the
-    installed handler. So the watches are closed newest first: :meth:`close` releases this
-    one, then closes the released watches at the top of the stack.
+    """``save_on_preemption`` of a Keras callback: from :meth:`start` (``on_train_begin``) to
+    :meth:`close` (``on_train_end``) a :class:`~checkpointer.preemption.PreemptionWatch`
+    records a signal; the callback asks :meth:`due` at each batch and epoch end, saves, waits
+    for the commit, then calls :meth:`stopped` (``model.stop_training``). Keras ends callbacks
+    oldest first, but a watch can restore its predecessor only while installed: :meth:`close`
+    releases this one, then closes the released ones at the top of the stack.
 
     Raises:
-        ConfigurationError: ``enabled`` not a bool, or a signal that cannot be caught
-            (at construction, like Keras's own argument checks); :meth:`start` outside the
-            main thread.
+        ConfigurationError: a bad option (at construction); :meth:`start` off the main thread.
     """
 
     _stack: ClassVar[list[PreemptionWatch]] = []  # this process's open watches, oldest first
@@ -253,4 +199,3 @@ class PreemptionStop:
             top = self._stack.pop()
             self._released.discard(top)
             top.close()
-

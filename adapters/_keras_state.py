@@ -1,18 +1,19 @@
-"""Translate a Keras 3 model (and its optimizer) into a plain state tree and back.
+"""A Keras 3 model (and its optimizer) as a plain state tree and back, the one-liners, and a
+local copy of a remote Keras file.
 
 The tree is ``{"weights": {path: array}, "optimizer": {path: array}}``: every variable of
-``model.weights`` (trainable and not) and of ``model.optimizer.variables`` (the iteration
-counter, the learning rate when it is a variable, slot variables) keyed by its Keras 3
-``variable.path``, in the model's own order. Loading matches by path first; when the paths
-differ only because Keras numbered the layers differently (a second model built in the same
-process is ``dense_1`` instead of ``dense``), it matches by position, checking every shape
-before anything is assigned.
+``model.weights`` and ``model.optimizer.variables`` keyed by its ``variable.path``, in the
+model's order. Loading matches by path, else (Keras numbered the layers differently: a
+second model in one process has ``dense_1``) by position, every shape checked first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -24,8 +25,10 @@ from checkpointer import CheckpointInfo
 from checkpointer.errors import StateTreeError
 from checkpointer.hints import refuse_checkpoint
 from checkpointer.paths import render_path
+from checkpointer.payload import is_file_checkpoint, verify_file
+from checkpointer.storage import LocalStore, open_store, split_url
 
-__all__ = ["to_state", "load_state", "save", "load"]
+__all__ = ["to_state", "load_state", "save", "load", "global_step", "local_copy"]
 
 _STANDARD_KINDS = "biufc"
 
@@ -36,6 +39,12 @@ def _sync(model: Any) -> None:
     sync = getattr(model, "jax_state_sync", None)
     if callable(sync):
         sync()
+
+
+def global_step(model: Any) -> int:
+    """The optimizer's iteration counter (0 without an optimizer)."""
+    optimizer = getattr(model, "optimizer", None)
+    return 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
 
 
 def _to_numpy(variable: Any) -> np.ndarray:
@@ -64,28 +73,19 @@ def _group(variables: Sequence[Any]) -> dict[str, np.ndarray]:
 
 
 def to_state(model: Any, include_optimizer: bool = True) -> dict[str, Any]:
-    """Return the state tree of a Keras 3 ``model``: its weights and optimizer variables.
-
-    Args:
-        model: a built ``keras.Model`` (or any layer).
-        include_optimizer: also store ``model.optimizer.variables`` (iteration counter,
-            slots) when the model has an optimizer.
-
-    Returns:
-        ``{"weights": {path: array}}`` plus ``"optimizer": {path: array}`` when included.
-        bfloat16 variables come back as ``ml_dtypes.bfloat16`` arrays.
+    """The state tree of a built Keras ``model`` (or layer): ``{"weights": {path: array}}``
+    plus ``"optimizer"`` (iteration counter, slots) with ``include_optimizer`` when it has
+    one; bfloat16 variables as ``ml_dtypes.bfloat16`` arrays.
 
     Raises:
         StateTreeError: ``model`` is not a Keras layer or model.
 
     Example:
-        >>> state = to_state(model)
-        >>> checkpointer.save("ckpts/step100", state)
+        >>> checkpointer.save("ckpts/step100", to_state(model))
     """
     if not isinstance(model, keras.layers.Layer):
         raise StateTreeError(
-            f"{type(model).__module__}.{type(model).__qualname__} is not a Keras model or layer"
-        )
+            f"{type(model).__module__}.{type(model).__qualname__} is not a Keras model or layer")
     _sync(model)
     state: dict[str, Any] = {"weights": _group(model.weights)}
     optimizer = getattr(model, "optimizer", None)
@@ -94,9 +94,8 @@ def to_state(model: Any, include_optimizer: bool = True) -> dict[str, Any]:
     return state
 
 
-def _plan(
-    variables: Sequence[Any], stored: Mapping[str, Any], what: str, strict: bool
-) -> list[tuple[Any, np.ndarray]]:
+def _plan(variables: Sequence[Any], stored: Mapping[str, Any], what: str,
+          strict: bool) -> list[tuple[Any, np.ndarray]]:  # fmt: skip
     """Pair each variable with its stored array, or raise before anything is assigned
     (not ``strict``: pair by path only, skipping what is missing or of another shape)."""
     where = render_path([what])
@@ -115,8 +114,7 @@ def _plan(
         raise StateTreeError(
             f"{where} holds {len(stored)} variables but the model has {len(paths)}; "
             f"missing e.g. {missing}, unexpected e.g. {unexpected}. "
-            "Build the same architecture before loading (or pass strict=False)."
-        )
+            "Build the same architecture before loading (or pass strict=False).")
     plan = []
     for variable, value in pairs:
         array = np.asarray(value)
@@ -125,8 +123,7 @@ def _plan(
         elif strict:
             raise StateTreeError(
                 f"{where}: variable {variable.path!r} has shape {tuple(variable.shape)} "
-                f"but the stored array has shape {array.shape}"
-            )
+                f"but the stored array has shape {array.shape}")
     return plan
 
 
@@ -138,24 +135,16 @@ def _assign(variable: Any, array: np.ndarray) -> None:
     variable.assign(keras.ops.cast(array, variable.dtype))
 
 
-def load_state(
-    model: Any, state: Mapping[str, Any], *, include_optimizer: bool = True, strict: bool = True
-) -> None:
-    """Assign a state tree made by :func:`to_state` to a model the caller built.
-
-    Nothing is rebuilt from stored code or config: ``model`` must have the same architecture.
-    The optimizer is built first when needed (``optimizer.build(model.trainable_variables)``).
-
-    Args:
-        model: a built ``keras.Model`` with the architecture the state was taken from.
-        state: the tree, e.g. from ``checkpointer.load(url)``.
-        include_optimizer: also restore optimizer variables when the state holds them.
-        strict: refuse a state whose variables do not all fit; with ``False`` assign the
-            variables whose path and shape match and leave the others as they are.
+def load_state(model: Any, state: Mapping[str, Any], *, include_optimizer: bool = True,
+               strict: bool = True) -> None:  # fmt: skip
+    """Assign a tree made by :func:`to_state` to a built ``model`` of the same architecture
+    (nothing is rebuilt from stored code or config), its optimizer built first when needed.
+    ``include_optimizer``: the optimizer variables too, when the state holds them; ``strict``
+    False: assign only the variables whose path and shape match.
 
     Raises:
-        StateTreeError: with ``strict``, the state does not fit the model (count or shape);
-            nothing is assigned in that case.
+        StateTreeError: with ``strict``, the state does not fit (count or shape); nothing
+            is assigned then.
 
     Example:
         >>> load_state(model, checkpointer.load("ckpts/step100"))
@@ -174,43 +163,49 @@ def load_state(
         _assign(variable, array)
 
 
-def save(
-    url: str | os.PathLike[str],
-    model: Any,
-    *,
-    include_optimizer: bool = True,
-    metadata: Any = None,
-    storage_options: dict[str, Any] | None = None,
-) -> CheckpointInfo:
-    """Save ``to_state(model)`` as the checkpoint ``url`` with :func:`checkpointer.save`.
-
-    Raises:
-        CheckpointError: any error of :func:`checkpointer.save`.
-
-    Example:
-        >>> save("ckpts/final", model)
-    """
+def save(url: str | os.PathLike[str], model: Any, *, include_optimizer: bool = True,
+         metadata: Any = None, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
+    """Save ``to_state(model)`` as the checkpoint ``url`` (:func:`checkpointer.save`, whose
+    errors it raises). Example: ``save("ckpts/final", model)``."""
     state = to_state(model, include_optimizer=include_optimizer)
     return checkpointer.save(url, state, metadata=metadata, storage_options=storage_options)
 
 
-def load(
-    url: str | os.PathLike[str],
-    model: Any,
-    *,
-    include_optimizer: bool = True,
-    strict: bool = True,
-    verify: bool = True,
-    storage_options: dict[str, Any] | None = None,
-) -> None:
-    """Read the checkpoint ``url`` with :func:`checkpointer.load` into ``model`` in place.
-
-    Raises:
-        StateTreeError: the checkpoint does not fit ``model`` (see :func:`load_state`).
-        CheckpointError: any error of :func:`checkpointer.load`.
-
-    Example:
-        >>> load("ckpts/final", model)
-    """
+def load(url: str | os.PathLike[str], model: Any, *, include_optimizer: bool = True,
+         strict: bool = True, verify: bool = True, storage_options: dict[str, Any] | None = None,
+         ) -> None:
+    """Read the checkpoint ``url`` into ``model`` in place (:func:`checkpointer.load`, then
+    :func:`load_state`, whose errors it raises). Example: ``load("ckpts/final", model)``."""
     state = checkpointer.load(url, verify=verify, storage_options=storage_options)
     load_state(model, state, include_optimizer=include_optimizer, strict=strict)
+
+
+@contextlib.contextmanager
+def local_copy(url: str | os.PathLike[str], *,
+               storage_options: dict[str, Any] | None = None) -> Iterator[str]:  # fmt: skip
+    """A local path to the Keras file at ``url`` (any fsspec URL; a local path as it is) for
+    ``model.load_weights`` / ``load_model``, which read local files only; a file a callback
+    wrote is checked against its manifest first; the copy goes when the block ends.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``url``.
+        ChecksumMismatchError: the file does not match its manifest.
+
+    Example:
+        >>> with local_copy("s3://bucket/run1/best_model.weights.h5") as path:
+        ...     model.load_weights(path)
+    """
+    parent, name = split_url(os.fspath(url))
+    store = open_store(parent, storage_options)
+    if is_file_checkpoint(store, name):
+        verify_file(store, name)
+    if isinstance(store, LocalStore):
+        yield store.path(name)
+        return
+    folder = tempfile.mkdtemp(prefix="ckpt-keras-")
+    try:
+        with store.open_read(name) as src, open(os.path.join(folder, name), "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        yield os.path.join(folder, name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

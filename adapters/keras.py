@@ -1,16 +1,11 @@
-"""Keras 3 adapter: drop-in ``ModelCheckpoint`` and ``BackupAndRestore`` backed by the core.
+"""Keras 3 adapter: drop-in ``ModelCheckpoint`` and ``BackupAndRestore`` on every backend
+(only the import changes), ``to_state`` / ``load_state``, ``save`` / ``load``, ``local_copy``.
 
-Both callbacks take Keras's own arguments and work on every Keras 3 backend (TensorFlow, JAX,
-PyTorch); only the import changes::
-
-    from checkpointer.adapters.keras import ModelCheckpoint   # was: from keras.callbacks ...
-
-A ``filepath`` ending in ``.weights.h5``, ``.keras`` or ``.h5`` gets exactly the file Keras
-would write, committed atomically on any fsspec store; any other path (a folder, or a
-``.safetensors`` name) is a checkpoint in this project's format written by
-:class:`checkpointer.CheckpointManager`. ``to_state`` / ``load_state`` convert a model for
-plain use with ``checkpointer.save`` / ``checkpointer.load``; ``save(url, model)`` /
-``load(url, model)`` are the one-liners.
+The callbacks translate Keras's hooks into :class:`checkpointer.CheckpointManager` calls;
+the manager decides (Keras's ``save_freq`` aside), writes, commits, ranks, retains and
+indexes. A ``filepath`` ending in ``.weights.h5``, ``.keras`` or ``.h5`` is exactly the file
+Keras would write (the manager's payload writer: :mod:`checkpointer.payload`); any other
+path (a folder, a ``.safetensors`` name) is a checkpoint in this project's format.
 """
 
 from __future__ import annotations
@@ -24,79 +19,54 @@ with require(__name__, "Keras 3 and a backend", "keras"):
         raise ImportError(f"found Keras {keras.__version__}")
 
 import logging
+import math
 import os
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from checkpointer import CheckpointInfo, CheckpointManager, CheckpointWarning
+from checkpointer import CheckpointInfo, CheckpointManager
 from checkpointer.errors import ConfigurationError, MetricError
-from checkpointer.monitor import Monitor, Score, check_options, infer_mode
+from checkpointer.monitor import Monitor, check_options, infer_mode
 from checkpointer.preemption import DEFAULT_SIGNALS
 from checkpointer.retention import check_limit
 
-from . import _keras_files as files
+from . import _keras_common as kc
 from ._keras_backup import BackupAndRestore
-from ._keras_common import (
-    BatchCounter,
-    PreemptionStop,
-    check_mode,
-    check_preemption_path,
-    check_save_freq,
-    check_weights_path,
-    direction_from_model,
-    print_msg,
-    print_save,
-    scalar_logs,
-    split_managed,
-)
-from ._keras_record import RECORD_SUFFIX, FileEntry, FileRecord
-from ._keras_state import load, load_state, save, to_state
+from ._keras_state import global_step, load, load_state, local_copy, save, to_state
 
-__all__ = ["ModelCheckpoint", "BackupAndRestore", "to_state", "load_state", "save", "load"]
+__all__ = ["ModelCheckpoint", "BackupAndRestore", "to_state", "load_state", "save", "load",
+           "local_copy"]
 
 _log = logging.getLogger("checkpointer")
 
 
 class ModelCheckpoint(keras.callbacks.Callback):
-    """Drop-in for ``keras.callbacks.ModelCheckpoint``, with a reliable best and extensions.
+    """Drop-in for ``keras.callbacks.ModelCheckpoint``, saving through the manager.
 
     Positional arguments and defaults are Keras's. ``{epoch}`` (1-based), ``{batch}``
     (1-based) and any log key fill ``filepath``; an integer ``save_freq`` counts batches.
     Unlike Keras's callback: save-best works with an integer ``save_freq``; a NaN never
-    becomes the best; a missing monitored metric warns and never overwrites the best; the best
-    survives a restarted run (a ``<file>.ckpt-best.json`` record beside Keras files, the
-    manager's index for this project's format).
+    becomes the best; a missing monitored metric warns and never overwrites the best; a
+    resumed run (``initial_epoch > 0``, or a ``BackupAndRestore`` restore) keeps the best
+    of the run it resumes, while a fresh run starts afresh, as Keras does.
 
     Args:
         filepath: ``.weights.h5`` / ``.keras`` / ``.h5``: Keras's own file; anything else
             (a folder, ``name.safetensors``, ``dir/epoch{epoch:02d}``): this project's
-            format. Any fsspec URL.
+            format. Any fsspec URL; only the file name may hold ``{fields}``.
         monitor, verbose, save_best_only, save_weights_only, mode, save_freq,
         initial_value_threshold: as in Keras.
-        keep_best: keep the best K checkpoints (by ``monitor``) of those written.
-        keep_last: keep the last N checkpoints written.
-        min_delta: an improvement must beat the best by more than this.
-        nan_policy: a NaN/inf monitored value: ``"worst"`` (never the best), ``"skip"``
-            (no save) or ``"raise"``.
-        async_save: write in a background thread (one save in flight).
-        save_on_preemption: on a signal in ``preemption_signals``, save at the next batch end
-            (or epoch end) whatever ``save_freq`` and ``save_best_only`` say, wait until the
-            file has committed (also with ``async_save``), then stop training. That save is
-            this callback's normal save at that point (``{epoch}``/``{batch}`` filled with
-            it, ranked and retained as usual): a model file, not a training state to resume
-            from; ``BackupAndRestore(save_on_preemption=True)`` is for resuming. The handlers
-            are installed from ``on_train_begin`` to ``on_train_end`` (main thread; the
-            handlers they replace still run). One process only.
-        preemption_signals: signal names or numbers (default SIGTERM and SIGUSR1).
-        storage_options: passed to fsspec.
+        keep_best, keep_last, min_delta, nan_policy, async_save, storage_options: the
+            manager's (:class:`checkpointer.CheckpointManager`); with ``async_save`` Keras
+            writes its file on the training thread and the commit runs in the background.
+        save_on_preemption, preemption_signals: on such a signal, save at the next batch end
+            (or epoch end) whatever ``save_freq`` and ``save_best_only`` say, wait for the
+            commit, then stop training (docs/keras.md). One process only.
 
     Raises:
         ConfigurationError: an invalid option (a ``ValueError``, as Keras raises), among them
-            ``save_on_preemption`` with ``save_best_only`` and a ``filepath`` without fields
-            (the preemption save would replace the best model).
+            ``save_on_preemption`` with ``save_best_only`` and a ``filepath`` without fields.
 
     Example:
         >>> cb = ModelCheckpoint("best_model.weights.h5", save_weights_only=True,
@@ -105,106 +75,51 @@ class ModelCheckpoint(keras.callbacks.Callback):
         >>> model.load_weights("best_model.weights.h5")
     """
 
-    def __init__(
-        self,
-        filepath: str | os.PathLike[str],
-        monitor: str = "val_loss",
-        verbose: int = 0,
-        save_best_only: bool = False,
-        save_weights_only: bool = False,
-        mode: str = "auto",
-        save_freq: str | int = "epoch",
-        initial_value_threshold: float | None = None,
-        *,
-        keep_best: int | None = None,
-        keep_last: int | None = None,
-        min_delta: float = 0.0,
-        nan_policy: str = "worst",
-        async_save: bool = False,
-        save_on_preemption: bool = False,
+    def __init__(  # Keras's arguments, then the extensions (keyword-only)
+        self, filepath: str | os.PathLike[str], monitor: str = "val_loss", verbose: int = 0,
+        save_best_only: bool = False, save_weights_only: bool = False, mode: str = "auto",
+        save_freq: str | int = "epoch", initial_value_threshold: float | None = None, *,
+        keep_best: int | None = None, keep_last: int | None = None, min_delta: float = 0.0,
+        nan_policy: str = "worst", async_save: bool = False, save_on_preemption: bool = False,
         preemption_signals: Sequence[str | int] = DEFAULT_SIGNALS,
         storage_options: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__()
-        mode = check_mode(mode)
-        self.filepath = os.fspath(filepath)
-        self.monitor = monitor
-        self.verbose = verbose
-        self.mode = mode
-        self.save_best_only = bool(save_best_only)
-        self.save_weights_only = bool(save_weights_only)
-        self.save_freq = check_save_freq(save_freq)
-        self.initial_value_threshold = initial_value_threshold
-        self.min_delta = min_delta
-        self.nan_policy = nan_policy
-        self.keep_best = keep_best
-        self.keep_last = keep_last
-        self.async_save = bool(async_save)
-        self.storage_options = storage_options
+        self.filepath, self.monitor, self.verbose = os.fspath(filepath), monitor, verbose
+        self.mode, self.save_freq = kc.check_mode(mode), kc.check_save_freq(save_freq)
+        self.save_best_only, self.save_weights_only = bool(save_best_only), bool(save_weights_only)
+        self.initial_value_threshold, self.min_delta, self.nan_policy = (
+            initial_value_threshold, min_delta, nan_policy)  # fmt: skip
+        self.keep_best, self.keep_last = keep_best, keep_last
+        self.async_save, self.storage_options = bool(async_save), storage_options
         check_limit("keep_last", keep_last)
         check_limit("keep_best", keep_best)
         check_options(min_delta, initial_value_threshold, nan_policy)
         self.best: float | None = None
         self._ranked = self.save_best_only or bool(keep_best)
+        self._keras_file = self.filepath.endswith(kc.KERAS_SUFFIXES)
+        kc.check_weights_path(self.filepath, self._keras_file, self.save_weights_only)
+        self._directory, self._filename, self._shown = kc.split_filepath(self.filepath, self._keras_file)
         self._monitor = self._resolve_monitor(None)
-        self._keras_file = files.is_keras_file(self.filepath)
-        check_weights_path(self.filepath, self._keras_file, self.save_weights_only)
-        if not self._keras_file:
-            self._directory, self._filename = split_managed(self.filepath)
-        self._counter = BatchCounter(self.save_freq) if self.save_freq != "epoch" else None
-        self._preemption = PreemptionStop(save_on_preemption, preemption_signals)
-        named = self.filepath if self._keras_file else (self._filename or "{default}")
-        check_preemption_path(save_on_preemption, self.save_best_only, named, self.filepath)
+        self._counter = kc.BatchCounter(self.save_freq) if self.save_freq != "epoch" else None
+        self._preemption = kc.PreemptionStop(save_on_preemption, preemption_signals)
+        kc.check_preemption_path(save_on_preemption, self.save_best_only,
+                              self._filename or "{default}", self.filepath)  # fmt: skip
         self._current_epoch = self._last_batch = 0
-        self._record: FileRecord | None = None
         self._manager: CheckpointManager | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
-
-    # -- Keras hooks -----------------------------------------------------------------
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self._wait_pending()
         self._preemption.start()
         if self._monitor is None:
             self._monitor = self._resolve_monitor(self.model)
         if self._monitor is None and self._ranked:
             raise ConfigurationError(
-                f"ModelCheckpoint callback received monitor={self.monitor}, but cannot tell "
-                "whether that metric should be maximized or minimized. Pass `mode='max'` or "
-                "`mode='min'`."
-            )
-        ranking = self._monitor if self._ranked else None
-        if self._keras_file:
-            for name in files.cleanup_leftovers(self.filepath, RECORD_SUFFIX, self.storage_options):
-                _log.info("removed %s, left unfinished by a writer that is gone", name)
-            if self._ranked or self.keep_last:
-                if self._record is None:
-                    self._record = FileRecord(self.filepath, ranking, self.storage_options)
-                if self._record.load() and self._record.best is not None:
-                    self.best = self._record.best.value
-        elif self._manager is None:
-            self._manager = CheckpointManager(
-                self._directory,
-                monitor=None if ranking is None else ranking.metric,
-                mode="auto" if ranking is None else ranking.mode,
-                min_delta=self.min_delta,
-                initial_value_threshold=self.initial_value_threshold,
-                save_best_only=self.save_best_only,
-                every_n_epochs=1,
-                keep_last=self.keep_last,
-                keep_best=self.keep_best,
-                filename=self._filename,
-                nan_policy=self.nan_policy,
-                async_save=self.async_save,
-                storage_options=self.storage_options,
-            )
-            best = self._manager.best
-            if best is not None and ranking is not None:
-                self.best = ranking.extract(best.metrics)
+                f"ModelCheckpoint callback received monitor={self.monitor}, but cannot tell whether "
+                "that metric should be maximized or minimized. Pass `mode='max'` or `mode='min'`.")
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._current_epoch = epoch
+        self._open(epoch)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._last_batch = batch
@@ -217,160 +132,99 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._preemption.close()
-        self._wait_pending()
         if self._manager is not None:
-            self._manager.wait()
+            self._manager.wait()  # a background save's error is raised here
+            self._sync_best()
 
     @property
     def preempted(self) -> bool:
         """The last ``fit`` stopped at a preemption signal after saving at that point."""
         return self._preemption.done
 
-    # -- decisions --------------------------------------------------------------------
-
     def _resolve_monitor(self, model: Any) -> Monitor | None:
-        mode = self.mode
-        if mode == "auto":
-            mode = infer_mode(self.monitor) or (
-                direction_from_model(model, self.monitor) if model is not None else None
-            )
+        mode = self.mode if self.mode != "auto" else infer_mode(self.monitor) or (
+            None if model is None else kc.direction_from_model(model, self.monitor))  # fmt: skip
         if mode is None:
             return None
-        return Monitor.create(
-            self.monitor, mode, self.min_delta, self.initial_value_threshold, self.nan_policy
-        )
+        return Monitor.create(self.monitor, mode, self.min_delta, self.initial_value_threshold,
+                              self.nan_policy)  # fmt: skip
 
-    def _get_file_path(self, epoch: int, batch: int | None, logs: Mapping[str, Any]) -> str:
-        """Keras's rule: ``epoch`` and ``batch`` 1-based, every log key available."""
-        try:
-            if batch is None or "batch" in logs:
-                return self.filepath.format(epoch=epoch + 1, **logs)
-            return self.filepath.format(epoch=epoch + 1, batch=batch + 1, **logs)
-        except KeyError as e:
-            raise KeyError(
-                f'Failed to format this callback filepath: "{self.filepath}". Reason: {e}'
-            ) from e
+    def _open(self, epoch: int) -> CheckpointManager:
+        """The manager, opened at the first save point of the first ``fit`` (every
+        ``on_train_begin`` has run: a ``BackupAndRestore`` restore is known by then)."""
+        if self._manager is not None:
+            return self._manager
+        ranking = self._monitor if self._ranked else None
+        resumed = epoch > 0 or id(self.model) in kc.RESUMED
+        self._manager = manager = CheckpointManager(
+            self._directory, monitor=None if ranking is None else ranking.metric,
+            mode="auto" if ranking is None else ranking.mode, min_delta=self.min_delta,
+            initial_value_threshold=self.initial_value_threshold,
+            save_best_only=self.save_best_only, keep_last=self.keep_last, keep_best=self.keep_best,
+            filename=self._filename, nan_policy=self.nan_policy, async_save=self.async_save,
+            storage_options=self.storage_options, rank_existing=resumed,
+            payload=self._write if self._keras_file else None)  # fmt: skip
+        self._sync_best()  # resumed: the run goes on with its best
+        earlier = [] if ranking is None or resumed else [
+            v for c in manager.checkpoints if (v := _value(ranking, c.metrics)) is not None]
+        if ranking is not None and earlier:
+            _log.info("%s: this run does not resume (initial_epoch=0, no BackupAndRestore "
+                      "restore): the earlier run's record (best %s=%s) is replaced by this run's",
+                      self.filepath, ranking.metric, min(earlier, key=ranking.sort_key))  # fmt: skip
+        return manager
 
-    def _score(self, logs: Mapping[str, Any]) -> Score | None:
-        """The monitored value judged by the core when ranking is on; warns when missing.
+    def _write(self, model: Any, path: str) -> None:
+        """The payload writer: exactly the file Keras's callback would write."""
+        if self.save_weights_only:
+            model.save_weights(path, overwrite=True)
+        else:
+            model.save(path, overwrite=True)
 
-        Raises:
-            MetricError: a NaN/inf value under ``nan_policy="raise"``.
-        """
-        if not self._ranked or self._monitor is None:
-            return None
-        score = self._monitor.score(scalar_logs(logs))  # non-numbers are not in scalar_logs
-        if score.missing:
-            warnings.warn(
-                f"Can save best model only with {self.monitor} available: {self.monitor!r} is "
-                f"not in the logs ({sorted(logs)}); this save point is not ranked and the best "
-                "is not overwritten.",
-                CheckpointWarning,
-                stacklevel=3,
-            )
-        return score
-
-    def _save_point(
-        self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None, scheduled: bool
-    ) -> None:
+    def _save_point(self, epoch: int, batch: int | None, logs: dict[str, Any] | None,
+                    scheduled: bool) -> None:  # fmt: skip
         """A scheduled save, or (a preemption notice pending) a forced one, then the stop."""
         if self._preemption.done:
             return  # stopped: the preemption save is the last one of this fit
         forced = self._preemption.due() is not None
         if not (scheduled or forced):
             return
-        self._wait_pending()
-        logs = dict(logs or {})
-        if self._keras_file:
-            url = self._save_file(epoch, batch, logs, forced)
-        else:
-            url = self._save_managed(epoch, batch, logs, forced)
-        if forced:
-            self._wait_pending()  # an async_save commit has landed before training stops
-            self._preemption.stopped(self.model, url)
-
-    def _save_file(
-        self, epoch: int, batch: int | None, logs: dict[str, Any], forced: bool = False
-    ) -> str | None:
-        filepath = self._get_file_path(epoch, batch, logs)
-        score = self._score(logs)
-        if score is not None and score.skip and not forced:
-            _log.info("not saving %s: %s", filepath, score.skip)
-            return None
-        value = None if score is None else score.value
-        is_best = False
-        if self.save_best_only:
-            assert self._monitor is not None
-            is_best = value is not None and self._monitor.is_improvement(value, self.best)
-            if not is_best and not forced:
-                print_save(self.verbose, epoch + 1, self.monitor, self.best, value, None, True)
-                return None
-        print_save(
-            self.verbose, epoch + 1, self.monitor, self.best, value, filepath, self.save_best_only
-        )
-        staged = files.stage_model_file(
-            self.model,
-            filepath,
-            weights_only=self.save_weights_only,
-            storage_options=self.storage_options,
-        )
-        entry = FileEntry(filepath, value, epoch + 1, None if batch is None else batch + 1)
-        previous = self.best
-        if is_best:
-            self.best = value  # decisions until the commit lands see the new best
-
-        def commit() -> None:
-            try:
-                staged.commit()
-            except BaseException:
-                if is_best:
-                    self.best = previous  # the file on storage is still the previous best
-                raise
-            if self._record is not None:
-                self._record.add(entry, is_best=is_best)
-                for gone in self._record.apply_retention(self.keep_last, self.keep_best):
-                    _log.info("deleted %s (outside keep_last=%s / keep_best=%s)", gone,
-                              self.keep_last, self.keep_best)  # fmt: skip
-                self._record.save()
-            if self.verbose > 0:
-                print_msg(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")
-
-        self._run(commit)
-        return filepath
-
-    def _save_managed(
-        self, epoch: int, batch: int | None, logs: dict[str, Any], forced: bool = False
-    ) -> str | None:
-        assert self._manager is not None, "on_train_begin was not called"
-        metrics = scalar_logs(logs)
-        if batch is not None and "batch" not in metrics and "batch" in (self._filename or ""):
+        manager = self._open(epoch)
+        metrics: dict[str, Any] = kc.scalar_logs(logs or {})
+        if batch is not None and "batch" not in metrics:
             metrics["batch"] = batch + 1
-        step = self._global_step()
+        step = global_step(self.model)
+        state = self.model if self._keras_file else partial(self._state, epoch + 1, step)
         previous = self.best
-        state = partial(self._state, epoch + 1, step)
         info: CheckpointInfo | None
         if forced:  # whatever the schedule and save_best_only say; committed before the stop
-            info = self._manager.save(state, step=step, epoch=epoch + 1, metrics=metrics)
-            self._manager.wait()
+            info = manager.save(state, step=step, epoch=epoch + 1, metrics=metrics)
+            manager.wait()
         else:
-            info = self._manager.epoch_end(epoch + 1, state, step=step, metrics=metrics)
-        score = Score(None)
-        if self._ranked and self._monitor is not None:
-            try:
-                score = self._monitor.score(metrics)
-            except MetricError:  # the manager judged it already (and raised under "raise")
-                score = Score(None)
-        value, monitor = score.value, self._monitor
-        if (
-            info is not None
-            and monitor is not None
-            and score.finite
-            and ((self.save_best_only and not forced) or monitor.better(value, previous))
-        ):
-            self.best = value
-        url = None if info is None else info.url
-        print_save(self.verbose, epoch + 1, self.monitor, previous, value, url, self.save_best_only)
-        return url
+            info = manager.epoch_end(epoch + 1, state, step=step, metrics=metrics)
+        self._note(info, metrics, previous, epoch + 1, forced)
+        if forced:
+            self._preemption.stopped(self.model, None if info is None else info.url)
+
+    def _sync_best(self) -> None:
+        """Keras's ``best`` attribute: the manager's best (its last committed, so with
+        ``async_save`` one save behind until ``on_train_end``)."""
+        best = None if self._manager is None or not self._ranked else self._manager.best
+        if best is not None and self._monitor is not None:
+            self.best = _value(self._monitor, best.metrics)
+
+    def _note(self, info: CheckpointInfo | None, metrics: dict[str, Any], previous: float | None,
+              epoch: int, forced: bool) -> None:  # fmt: skip
+        """Keras's ``best`` attribute and messages, from what the manager decided."""
+        value = _value(self._monitor, metrics) if self._ranked and self._monitor else None
+        if info is not None and value is not None and self.save_best_only and not forced:
+            self.best = value  # saved under save_best_only: the manager found it an improvement
+        elif info is not None:
+            self._sync_best()
+        path = None if info is None else self._shown + info.name
+        if path is not None or self.save_best_only:
+            kc.print_save(self.verbose, epoch, self.monitor, previous, value, path, self.save_best_only)
+        if path is not None and self.verbose > 0:
+            kc.print_msg(f"\nEpoch {epoch}: finished saving model to {path}")
 
     def _state(self, epoch: int, step: int) -> dict[str, Any]:
         state = to_state(self.model, include_optimizer=not self.save_weights_only)
@@ -378,23 +232,11 @@ class ModelCheckpoint(keras.callbacks.Callback):
             state["epoch"], state["step"] = epoch, step
         return state
 
-    def _global_step(self) -> int:
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is None:
-            return 0
-        return int(keras.ops.convert_to_numpy(optimizer.iterations))
 
-    # -- background commits -------------------------------------------------------------
-
-    def _run(self, job: Callable[[], None]) -> None:
-        if not self.async_save:
-            job()
-            return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpointer-keras")
-        self._pending = self._executor.submit(job)
-
-    def _wait_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()  # re-raises a background failure here, never lost
+def _value(monitor: Monitor, metrics: dict[str, Any]) -> float | None:
+    """The finite monitored value in ``metrics``, else ``None``."""
+    try:
+        value = monitor.extract(metrics)
+    except MetricError:  # not a number: never ranked
+        return None
+    return value if value is not None and math.isfinite(value) else None

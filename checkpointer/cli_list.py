@@ -30,6 +30,14 @@ from .info import CheckpointInfo
 from .load import verify_checkpoint
 from .manifest import MANIFEST_NAME, read_manifest
 from .monitor import Monitor
+from .payload import (
+    file_entry,
+    file_names,
+    is_file_checkpoint,
+    read_file_manifest,
+    sidecar,
+    verify_file,
+)
 from .retention import Record, best_record
 from .storage import Store, open_store, split_url
 from .tree import unflatten
@@ -55,9 +63,10 @@ def open_dir(args: argparse.Namespace, url: str) -> Store:
 
 
 def checkpoint_names(listing: list[str]) -> list[str]:
-    """Folders holding a manifest (hidden ones are the engine's leftovers, not checkpoints)."""
+    """Folders holding a manifest (hidden ones are the engine's leftovers, not checkpoints),
+    and files with a sidecar manifest (:mod:`checkpointer.payload`)."""
     return sorted({p.split("/", 1)[0] for p in listing
-                   if p.endswith("/" + MANIFEST_NAME) and not p.startswith(".")})
+                   if p.endswith("/" + MANIFEST_NAME) and not p.startswith(".")} | set(file_names(listing)))
 
 
 def _listing(store: Store) -> list[str]:
@@ -72,7 +81,7 @@ def open_checkpoint(args: argparse.Namespace, url: str) -> tuple[Store, str]:
     a directory of checkpoints passed instead is named as such, with its checkpoints."""
     parent, name = split_url(url)
     store = open_store(parent, options_for(args.storage_option, url))
-    if store.exists(f"{name}/{MANIFEST_NAME}"):
+    if store.exists(f"{name}/{MANIFEST_NAME}") or is_file_checkpoint(store, name):
         return store, name
     if not store.exists(name):
         raise CheckpointNotFoundError(f"{store.url_of(name)} does not exist")
@@ -98,6 +107,8 @@ def _index_rows(store: Store, listing: set[str]) -> dict[str, Entry]:
 
 
 def _read_one(store: Store, name: str, files: set[str]) -> Entry:
+    if sidecar(name) in files:
+        return file_entry(store, name)
     m = read_manifest(store, name)
     missing = [f.name for f in m.files if f"{name}/{f.name}" not in files]
     if missing:
@@ -205,7 +216,7 @@ def _ls_json(r: Listed, marks: list[str]) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     store, name = open_checkpoint(args, args.checkpoint)
-    m = read_manifest(store, name)
+    m = read_file_manifest(store, name) if is_file_checkpoint(store, name) else read_manifest(store, name)
     leaves = arrays(m, store.url_of(name))
     plain = values(m)
     meta = m.get("metadata")
@@ -258,7 +269,7 @@ def _verify_targets(args: argparse.Namespace) -> list[tuple[Store, str]]:
     try:
         parent, name = split_url(url)
         store = open_store(parent, options_for(args.storage_option, url))
-        if store.exists(f"{name}/{MANIFEST_NAME}"):
+        if store.exists(f"{name}/{MANIFEST_NAME}") or is_file_checkpoint(store, name):
             return [(store, name)]
     except ConfigurationError:  # a bucket or root: a directory, not a checkpoint
         pass
@@ -290,7 +301,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             bar.start(_total(targets))
         for store, name in targets:
             try:
-                m = verify_checkpoint(counting(store, bar), name)
+                check = verify_file if is_file_checkpoint(store, name) else verify_checkpoint
+                m = check(counting(store, bar), name)
                 results.append({"name": name, "url": store.url_of(name), "ok": True, "error": None,
                                 "nbytes": m.nbytes})
             except CheckpointError as exc:

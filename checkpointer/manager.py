@@ -35,6 +35,7 @@ from .hints import unknown_options
 from .index import Entry, read_index_meta, settings_key, write_index_quietly
 from .info import Checkpoint, CheckpointInfo
 from .monitor import optional_monitor
+from .payload import PayloadWriter, StagedFile, check_payload, fresh_run, prepare
 from .plan import (
     CheckpointWarning,
     Planner,
@@ -51,7 +52,7 @@ from .retention import Retention, best_record
 from .schedule import Schedule, warn_if_dated_ahead
 from .storage import open_store
 from .tiers import open_tier, open_tiers
-from .tree import flatten, resolve_state, specs_from_template
+from .tree import specs_from_template
 from .version import LIBRARY
 
 __all__ = ["CheckpointManager", "CheckpointWarning"]
@@ -88,7 +89,8 @@ class CheckpointManager:
         coordinator: Coordinator | None = None, save_on_preemption: bool = False,
         preemption_signals: Sequence[str | int] = DEFAULT_SIGNALS, replica: str | os.PathLike[str] | None = None,
         replica_every: int = 1, replica_keep_last: int | None = None, replica_keep_best: int | None = None,
-        replica_storage_options: dict[str, Any] | None = None, **unknown: Any,
+        replica_storage_options: dict[str, Any] | None = None, payload: PayloadWriter | None = None,
+        rank_existing: bool = True, **unknown: Any,
     ) -> None:
         if unknown:  # a typo or another library's name (max_to_keep): say which is meant
             raise unknown_options("CheckpointManager", unknown, CheckpointManager.__init__)
@@ -116,19 +118,19 @@ class CheckpointManager:
         self._async: AsyncWriter[SavePlan] | None = AsyncWriter() if async_save else None
         self._async_seq = -1  # the last background save's, kept after it ends (see _next_seq)
         self._coord = coordinator if coordinator is not None else detect_coordinator()
+        self._payload = check_payload(payload, filename, replica, self._coord.world_size)
         # several processes save asynchronously through a coordinator of their own
         self._bg = background_coordinator(self._coord) if async_save else None
         self._bg_released = False
         if async_save and self._coord.world_size > 1 and self._bg is None:
-            log.info("%s offers no background coordinator: saves are synchronous",
-                     type(self._coord).__name__)
+            log.info("%s offers no background coordinator: saves are synchronous", type(self._coord).__name__)
         self._kept_config: dict[str, str] = {}  # the index's monitor, kept when we have none
         # the local tier's committed checkpoints, oldest first; replaced, never mutated
         self._entries: list[Scored] = run_on_primary(self._coord, self._open_directory,
                                                      self._tiers.encode, self._tiers.decode)
+        self._entries = self._entries if rank_existing else fresh_run(self._entries, self._protected)
         if every_seconds is not None:
-            warn_if_dated_ahead([(e.info.name, e.info.time) for e in self._entries], clock(),
-                                CheckpointWarning)
+            warn_if_dated_ahead([(e.info.name, e.info.time) for e in self._entries], clock(), CheckpointWarning)
         self._preempt = Preemption(save_on_preemption, preemption_signals)  # last: it installs handlers
 
     def _open_directory(self) -> list[Scored]:
@@ -252,13 +254,12 @@ class CheckpointManager:
         return plan, None if plan is None else self._execute_with_ranks(plan, state)
 
     def _execute(self, plan: SavePlan, state: Any) -> CheckpointInfo:
-        """Write now, or snapshot and write in the background (the info returned then has
-        ``nbytes=0``; ``latest`` carries the size once it has committed)."""
+        """Write now, or snapshot (or stage a payload) and write in the background (then ``nbytes=0``)."""
         self._last_started = self._tick()
-        skeleton, arrays = flatten(resolve_state(state))
+        skeleton, arrays = prepare(self._store, plan.name, state, self._payload)
         if self._async is None:
             return self._write_and_commit(plan, skeleton, arrays)
-        staged = self._async.stage(arrays)
+        staged = arrays if isinstance(arrays, StagedFile) else self._async.stage(arrays)
         self._submit(plan, partial(self._write_and_commit, plan, skeleton, staged))
         return plan.info(self._store.url_of(plan.name), 0)
 
@@ -291,9 +292,8 @@ class CheckpointManager:
                   "time": plan.time, "managed": True, "seq": plan.seq, "library": LIBRARY,
                   "metadata": None, "retention": self._settings}
         try:
-            nbytes, stamp = commit.write_checkpoint(self._store, name, skeleton, arrays, fields,
-                                                    max_file_bytes=self._max_file_bytes,
-                                                    participants=participants)
+            nbytes, stamp = arrays.commit(fields) if isinstance(arrays, StagedFile) else commit.write_checkpoint(
+                self._store, name, skeleton, arrays, fields, max_file_bytes=self._max_file_bytes, participants=participants)
         except CheckpointError as exc:
             log.error("save of %s failed: %s", self._store.url_of(name), exc)
             raise

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from .errors import CheckpointError
 from .manifest import MANIFEST_NAME, read_manifest
 from .owners import OWNER_PATTERN, new_owner, release_owner
+from .payload import is_file_checkpoint, remove_file_checkpoint
 from .storage import Store
 
 __all__ = ["remove_checkpoint", "doomed", "TMP_PREFIX", "OLD_PREFIX", "DATA_RE"]
@@ -52,6 +53,8 @@ def remove_checkpoint(store: Store, name: str) -> list[str]:
     if name.startswith(".") or "/" in name:  # a leftover of the engine's own
         store.remove_tree(name)
         return []
+    if is_file_checkpoint(store, name):  # one file and its sidecar (checkpointer.payload)
+        return remove_file_checkpoint(store, name)
     ours, theirs = _split_folder(store, name)
     if theirs:
         for rel in [MANIFEST_NAME, *sorted(ours - {MANIFEST_NAME})]:

@@ -61,6 +61,7 @@ from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError
 from .index import Entry, entry_from_manifest, load_entries, write_index_quietly
 from .info import Checkpoint, CheckpointInfo
 from .monitor import Monitor
+from .payload import file_entries
 from .plan import CheckpointWarning, Scored, decode_scored, encode_scored, kept_index_config
 from .replica_process import Copier
 from .restoring import load_first
@@ -131,7 +132,9 @@ def open_tier(store: Store, monitor: Monitor | None, score: Callable[[Entry], Sc
         listing = store.list_files()
     config = kept_index_config(store, listing, monitor)
     entries, stale = load_entries(store, listing)
-    return [score(e) for e in entries], stale, config
+    files = file_entries(store, listing)  # a payload writer's (checkpointer.payload): the index may not list them
+    entries = sorted(entries + files, key=lambda e: (e.seq, e.info.time, e.info.name)) if files else entries
+    return [score(e) for e in entries], stale or bool(files), config
 
 
 def _ordered(entries: list[Scored]) -> list[Scored]:

@@ -28,6 +28,16 @@ def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+def engine_files(names: list[str]) -> list[str]:
+    """The engine's hidden files among ``names``: each Keras file's manifest, the index."""
+    return [n for n in names if Path(n).name.startswith(".")]
+
+
+def listing(root: str) -> list[str]:
+    fs, base = fsspec.core.url_to_fs(root)
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+
+
 def run_examples(module, root: Path, monkeypatch: pytest.MonkeyPatch):
     """The issue's two examples, verbatim but for where ModelCheckpoint comes from."""
     root.mkdir()
@@ -46,8 +56,12 @@ def run_examples(module, root: Path, monkeypatch: pytest.MonkeyPatch):
 def test_examples_match_keras(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     theirs, their_best, their_rec = run_examples(keras.callbacks, tmp_path / "keras", monkeypatch)
     ours, our_best, rec = run_examples(ck, tmp_path / "ours", monkeypatch)
-    assert [f for f in ours if not f.endswith(".ckpt-best.json")] == theirs
-    assert "best_model.weights.h5.ckpt-best.json" in ours
+    hidden = engine_files(ours)
+    assert [f for f in ours if f not in hidden] == theirs
+    assert sorted(hidden) == sorted(
+        [".ckpt-index.msgpack", "checkpoints/.ckpt-index.msgpack"]
+        + [str(Path(f).parent / f".{Path(f).name}.ckpt-manifest").removeprefix("./") for f in theirs]
+    )
     losses = [r["val_loss"] for r in rec.logs]
     best_epoch = int(np.argmin(losses))
     assert best_epoch < EPOCHS - 1, f"the data no longer makes val_loss rise: {losses}"
@@ -76,9 +90,8 @@ def test_remote_store_keras_files(name: str) -> None:
     )
     fs = fsspec.filesystem("memory")
     parent = url.rsplit("/", 1)[0]
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(parent, detail=False)) == sorted(
-        [name, name + ".ckpt-best.json"]
-    )  # no temporary names left behind
+    assert listing(parent) == sorted([name, f".{name}.ckpt-manifest", ".ckpt-index.msgpack"])
+    # no temporary names left behind
     local = Path(os.environ.get("TMPDIR", "/tmp")) / f"fetched-{os.getpid()}-{name}"
     local.write_bytes(fs.cat_file(url))
     best = int(np.argmin([r["val_loss"] for r in rec.logs]))
@@ -91,14 +104,16 @@ def test_remote_store_keras_files(name: str) -> None:
     assert_same(weights(loaded), rec.weights[best])
 
 
-def drive(cb: ck.ModelCheckpoint, model: keras.Model, values: list[float | None]) -> list[list]:
-    """Call the epoch hooks directly with the given val_loss values (None: missing); the model's
-    weights are shifted before each epoch so every save is recognisable. Returns the weights
-    at each epoch end."""
+def drive(
+    cb: ck.ModelCheckpoint, model: keras.Model, values: list[float | None], start: int = 0
+) -> list[list]:
+    """Call the epoch hooks directly with the given val_loss values (None: missing), from epoch
+    ``start`` (``initial_epoch``); the model's weights are shifted before each epoch so every
+    save is recognisable. Returns the weights at each epoch end."""
     cb.set_model(model)
     cb.on_train_begin()
     seen = []
-    for epoch, value in enumerate(values):
+    for epoch, value in enumerate(values, start):
         perturb(model, 1.0)
         cb.on_epoch_begin(epoch)
         logs = {"loss": 1.0} if value is None else {"loss": 1.0, "val_loss": value}
@@ -141,21 +156,25 @@ def test_missing_metric_warns_and_keeps_best(tmp_path: Path, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_restarted_run_keeps_the_best(tmp_path: Path, fmt: str) -> None:
+def test_fresh_run_replaces_and_resumed_run_keeps_the_best(
+    tmp_path: Path, fmt: str, caplog: pytest.LogCaptureFixture
+) -> None:
     path = str(tmp_path / FORMATS[fmt])
 
     def new_cb() -> ck.ModelCheckpoint:
         return ck.ModelCheckpoint(path, save_best_only=True, save_weights_only=True)
 
-    first = drive(new_cb(), make_model(), [0.5, 0.3])
-    restarted = new_cb()
-    drive(restarted, make_model(seed=5), [0.6, 0.4])  # a new process: worse values
-    assert restarted.best == 0.3
-    assert_same(saved(path), first[1])  # Keras would now hold the 0.6 model
-    third_cb = new_cb()
-    third = drive(third_cb, make_model(seed=6), [0.2])
-    assert third_cb.best == 0.2
-    assert_same(saved(path), third[0])
+    drive(new_cb(), make_model(), [0.5, 0.3])
+    fresh = new_cb()
+    with caplog.at_level("INFO", logger="checkpointer"):
+        seen = drive(fresh, make_model(seed=5), [0.6, 0.7])  # a new run, weaker: as in Keras
+    assert fresh.best == 0.6
+    assert_same(saved(path), seen[0])
+    assert "does not resume" in caplog.text and "val_loss=0.3" in caplog.text
+    resumed = new_cb()
+    drive(resumed, make_model(seed=6), [0.65], start=2)  # initial_epoch=2: the run goes on
+    assert resumed.best == 0.6  # 0.65 does not beat the best of the run it resumes
+    assert_same(saved(path), seen[0])
 
 
 @pytest.mark.parametrize("suffix", [".weights.h5", ""])
@@ -167,7 +186,7 @@ def test_save_best_with_integer_save_freq(tmp_path: Path, suffix: str) -> None:
     make_model().fit(X, Y, epochs=2, batch_size=BATCH, callbacks=[cb, rec], verbose=0)
     at_saves = [logs["loss"] for i, logs in enumerate(rec.batch_logs) if (i + 1) % 3 == 0]
     assert cb.best == pytest.approx(min(at_saves), rel=1e-6)  # Keras raises TypeError instead
-    names = sorted(p.name for p in tmp_path.glob("b*") if not p.name.endswith(".json"))
+    names = sorted(p.name for p in tmp_path.glob("b*"))
     assert names[0] == f"b1-3{suffix}"  # {epoch}, {batch} 1-based as in Keras
     assert len(names) == 1 + (at_saves[1] < at_saves[0])
 
@@ -191,10 +210,8 @@ def test_failed_write_leaves_the_previous_file(tmp_path: Path, where: str) -> No
     model.save_weights = real
     assert cb.best == 0.5
     fs, base = fsspec.core.url_to_fs(root)
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)) == [
-        "best.weights.h5",
-        "best.weights.h5.ckpt-best.json",
-    ]  # no temporary files left
+    assert listing(root) == [".best.weights.h5.ckpt-manifest", ".ckpt-index.msgpack",
+                             "best.weights.h5"]  # no temporary files left; fmt: skip
     local = tmp_path / "fetched.weights.h5"
     local.write_bytes(fs.cat_file(f"{base}/best.weights.h5"))
     assert_same(saved(str(local)), seen[0])
@@ -209,16 +226,18 @@ def test_leftovers_of_dead_writers_are_removed(tmp_path: Path) -> None:
     host = new_owner().split(".")[0]
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    dead = tmp_path / f".m3.weights.h5.tmp-{host}.{gone}.0a1b-ff00.weights.h5"
-    dead_record = tmp_path / f".m.weights.h5.ckpt-best.json.tmp-{host}.{gone}.0a1b-ff01"
-    live = tmp_path / f".m3.weights.h5.tmp-{new_owner()}-ff02.weights.h5"  # a live writer's
+    dead = tmp_path / f".ckpt-tmp-m3.weights.h5-{host}.{gone}.0a1b"  # a writer killed mid-save
+    live = tmp_path / f".ckpt-tmp-m4.weights.h5-{new_owner()}"  # a live writer's
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / folder.name.split("-")[2]).write_bytes(b"half a file")
     other = tmp_path / ".unrelated.tmp-file"
-    for p in (dead, dead_record, live, other):
-        p.write_bytes(b"x")
+    other.write_bytes(b"x")
     cb = ck.ModelCheckpoint(str(tmp_path / "m{epoch}.weights.h5"), save_weights_only=True)
     drive(cb, make_model(), [0.5])
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted(["m1.weights.h5", live.name, other.name])
+    assert left == sorted([".ckpt-index.msgpack", ".m1.weights.h5.ckpt-manifest", "m1.weights.h5",
+                           live.name, other.name])  # fmt: skip
 
 
 def test_keep_last_and_keep_best_with_record(tmp_path: Path) -> None:
@@ -227,7 +246,8 @@ def test_keep_last_and_keep_best_with_record(tmp_path: Path) -> None:
     seen = drive(cb, make_model(), [0.5, 0.3, 0.4, 0.6])
     assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["m2.weights.h5", "m4.weights.h5"]
     assert_same(saved(str(tmp_path / "m2.weights.h5")), seen[1])
-    assert (tmp_path / "m.weights.h5.ckpt-best.json").exists()
+    assert sorted(p.name for p in tmp_path.glob(".m*")) == [
+        ".m2.weights.h5.ckpt-manifest", ".m4.weights.h5.ckpt-manifest"]  # fmt: skip
 
 
 def test_async_save_keras_file(tmp_path: Path) -> None:
@@ -235,10 +255,8 @@ def test_async_save_keras_file(tmp_path: Path) -> None:
     cb = ck.ModelCheckpoint(path, save_best_only=True, save_weights_only=True, async_save=True)
     seen = drive(cb, make_model(), [0.5, 0.2, 0.9])
     assert_same(saved(path), seen[1])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "a.weights.h5",
-        "a.weights.h5.ckpt-best.json",
-    ]
+    assert listing(str(tmp_path)) == [".a.weights.h5.ckpt-manifest", ".ckpt-index.msgpack",
+                                      "a.weights.h5"]  # fmt: skip
 
 
 def test_our_format_full_state_and_best(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def preempt(root: Path) -> None:
         "step": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "epochs": len(history.epoch),
         "preempted": [cb.preempted for cb in callbacks[:3]],
-        "files": sorted(os.listdir(root / "files")),
+        "files": sorted(f for f in os.listdir(root / "files") if not f.startswith(".")),
         "handler_restored": signal.getsignal(signal.SIGTERM) == pacer.note,
     }), flush=True)  # fmt: skip
 
@@ -153,12 +153,12 @@ def at_epoch_end(root: Path) -> dict[str, Any]:
     state = checkpointer.load(CheckpointManager(root / "backup").latest.url)  # type: ignore[union-attr]
     return {"epochs": len(history.epoch), "preempted": [cb.preempted for cb in callbacks[1:]],
             "backup": [state["epoch"], state["batch"], state["step"]],
-            "files": sorted(os.listdir(root / "files"))}  # fmt: skip
+            "files": sorted(f for f in os.listdir(root / "files") if not f.startswith("."))}  # fmt: skip
 
 
 def resume(root: Path) -> None:
     stop = list(np.load(root / "stop.npz").values())
-    (name,) = os.listdir(root / "files")
+    (name,) = [f for f in os.listdir(root / "files") if not f.startswith(".")]
     from_file = make_model(seed=5)
     from_file.optimizer.build(from_file.trainable_variables)  # the file holds its variables
     from_file.load_weights(str(root / "files" / name))

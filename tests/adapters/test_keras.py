@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-CASES = ["keras_cases_state.py", "keras_cases_ckpt.py", "keras_cases_contract.py"]
+CASES = ["keras_cases_state.py", "keras_cases_ckpt.py", "keras_cases_contract.py",
+         "keras_cases_runs.py"]
 BACKENDS = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
 TIMEOUT = 400
 
