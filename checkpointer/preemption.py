@@ -95,8 +95,9 @@ class PreemptionWatch:
             self.requested = num.name
         if callable(previous):
             previous(signum, frame)
-        elif self._closed and previous in (signal.SIG_DFL, None):
-            # closed, yet reinstated by a handler that sat above ours: act as the default would
+        elif self._closed and previous in (signal.SIG_DFL, None) and signal.getsignal(num) == self._handle:
+            # closed, yet reinstated as the process's handler by one that sat above ours: act
+            # as the default would (called down a chain instead, a live handler above took it)
             signal.signal(num, signal.SIG_DFL)
             signal.raise_signal(num)
 

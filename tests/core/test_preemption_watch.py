@@ -105,3 +105,26 @@ print("survived")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == -signal.SIGTERM and "survived" not in out.stdout
+
+
+def test_closed_watches_down_a_chain_leave_the_signal_to_the_live_one_above() -> None:
+    """Managers made and closed in turn (a notebook, two callbacks) stack their handlers: a
+    live watch on top chains down to closed ones, which must not then end the process
+    (the live watch took the signal; the process saves and stops as asked)."""
+    import subprocess
+    import sys
+
+    code = """
+import signal
+from checkpointer.preemption import PreemptionWatch
+a = PreemptionWatch(["SIGTERM"])
+b = PreemptionWatch(["SIGTERM"])   # above a
+a.close()                          # a cannot be removed: it only forwards now
+c = PreemptionWatch(["SIGTERM"])   # above b
+b.close()
+signal.raise_signal(signal.SIGTERM)
+print("survived", c.requested, a.requested, b.requested)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["survived", "SIGTERM", "None", "None"]
