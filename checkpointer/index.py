@@ -109,9 +109,10 @@ def write_index(store: Store, entries: list[Entry], config: dict[str, Any] | Non
         owner = new_owner()
         tmp = f".ckpt-tmp-index-{owner}"
         try:
-            store.put_bytes(tmp, blob)
+            # a cache: never fsynced. A crash may lose it or leave it torn; readers check
+            # each row against its manifest and rebuild an index that does not decode.
+            store.put_bytes(tmp, blob, durable=False)
             store.rename(tmp, INDEX_NAME)
-            store.fsync_dir("")
         except BaseException:
             with contextlib.suppress(Exception):
                 if store.exists(tmp):

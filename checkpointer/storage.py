@@ -82,8 +82,9 @@ class Store(Protocol):
         """A sink whose bytes are durable once the context exits without error;
         ``size_hint``: about how many bytes will come (object stores pick their upload by it)."""
         ...
-    def put_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` as file ``rel`` in one piece (one object on object stores)."""
+    def put_bytes(self, rel: str, data: bytes, durable: bool = True) -> None:
+        """Write ``data`` as file ``rel`` in one piece (one object on object stores);
+        ``durable=False``: no fsync (a cache that a crash may lose or tear)."""
         ...
     def makedirs(self, rel: str) -> None: ...
     def rename(self, src: str, dst: str) -> None: ...
@@ -168,9 +169,15 @@ class LocalStore(_Rooted):
             raise
         _guard(what, w.close)
 
-    def put_bytes(self, rel: str, data: bytes) -> None:
-        with self.writer(rel) as w:
-            w.write(data)
+    def put_bytes(self, rel: str, data: bytes, durable: bool = True) -> None:
+        what = f"writing {self.path(rel)}"
+        w = _guard(what, lambda: LocalWriter(self.path(rel)))
+        try:
+            _guard(what, lambda: w.write(data))
+        except BaseException:
+            w.abort()
+            raise
+        _guard(what, lambda: w.close(durable))
 
     def makedirs(self, rel: str) -> None:
         _guard(f"creating {self.path(rel)}", lambda: os.makedirs(self.path(rel), exist_ok=True))
@@ -276,7 +283,7 @@ class FsspecStore(_Rooted):
             raise
         _guard(what, f.close)
 
-    def put_bytes(self, rel: str, data: bytes) -> None:
+    def put_bytes(self, rel: str, data: bytes, durable: bool = True) -> None:
         _guard(f"writing {self.url_of(rel)}", lambda: self.fs.pipe_file(self.path(rel), data))
 
     def makedirs(self, rel: str) -> None:

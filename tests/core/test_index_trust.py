@@ -153,3 +153,37 @@ def test_explain_retention_names_every_reason(tmp_path: Path, backend: str) -> N
     rows2 = {info.name: reasons for info, _, reasons in restored.explain_retention()}
     assert rows2["manual"] == ["not written by this engine"]
     assert "restored from" in next(r for i, _, r in restored.explain_retention() if i.step == 250)
+
+
+@pytest.mark.parametrize("torn", [b"", b"CKPTIDX1\x00\x01", b"garbage" * 100])
+def test_the_index_is_never_fsynced_and_a_torn_one_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               torn: bytes) -> None:
+    """A save fsyncs its data file, its manifest and the two folders; the index, a cache,
+    is written without an fsync. A crash may then leave it empty or torn: the next manager
+    lists every checkpoint from the manifests and writes a whole index again."""
+    import os
+
+    from checkpointer import index as index_mod
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else "?")
+        real_fsync(fd)
+
+    with CheckpointManager(tmp_path, keep_last=3) as mgr:
+        mgr.save({"w": np.ones(4)}, step=1)
+        monkeypatch.setattr(os, "fsync", fsync)
+        index_mod.write_index(getattr(mgr, "_store"), [s.entry for s in getattr(mgr, "_entries")])  # noqa: B009
+        assert synced == []  # the index write alone: no fsync at all
+        mgr.save({"w": np.ones(4)}, step=2)
+        assert synced and not any(INDEX_NAME in p or ".ckpt-tmp-index" in p for p in synced)
+    monkeypatch.undo()
+    (tmp_path / INDEX_NAME).write_bytes(torn)  # what a crash may leave
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuild is logged, never a warning to the user
+        with CheckpointManager(tmp_path, keep_last=3) as again:
+            assert [c.step for c in again.checkpoints] == [1, 2]
+    doc = decode_framed((tmp_path / INDEX_NAME).read_bytes(), INDEX_MAGIC, "index")
+    assert [r[0] for r in doc["checkpoints"]] == ["step-000000001", "step-000000002"]
