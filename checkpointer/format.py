@@ -205,13 +205,15 @@ def header_memory(raw: bytes) -> int:
     return 64 + text + (4 if wide else 1) * len(raw) + _json_structure(raw)  # slot, text, strs' characters
 
 
-def _parse_json(raw: bytes, where: str) -> Any:
+def _parse_json(raw: bytes, where: str, plain: bool = False) -> Any:
+    """``plain``: without the duplicate-key hook (faster; the caller rules duplicates out)."""
     if (need := header_memory(raw)) > header_budget(len(raw)):
         raise HeaderError(f"{where}: its {len(raw)}-byte header would parse to over {need} bytes of "
                           f"objects, more than the {HEADER_MEMORY_PER_BYTE} bytes per byte "
                           f"(+{MEMORY_FLOOR >> 20} MiB) any real header takes")
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs_no_dupes(where))
+        text = raw.decode("utf-8")
+        return json.loads(text) if plain else json.loads(text, object_pairs_hook=_pairs_no_dupes(where))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, int digit limit
         raise HeaderError(f"{where}: header is not valid JSON ({exc})") from None
 
@@ -245,19 +247,37 @@ def read_header(f: BinaryIO, file_size: int, where: str, match: Match | None = N
         raise TruncatedFileError(f"{where}: header claims {n} bytes, file has {file_size - 8}")
     try:
         raw = read_exact(f, n, where)
-        header = _parse_json(raw, where)
-        if not isinstance(header, dict):
-            raise HeaderError(f"{where}: header is not a JSON object")
-        header.pop("__metadata__", None)
         base = 8 + n
-        entries = match(header, base) if match is not None else None
+        entries = None if match is None else _matched(raw, base, where, match)
         if entries is None:
+            header = _parse_json(raw, where)
+            if not isinstance(header, dict):
+                raise HeaderError(f"{where}: header is not a JSON object")
+            header.pop("__metadata__", None)
             entries = [_header_entry(k, v, base, where) for k, v in header.items()]
             entries.sort(key=lambda e: (e.begin, e.end))
     except MemoryError:
         raise InsufficientMemoryError(f"{where}: not enough memory to parse its {n}-byte header") from None
     _check_tiling(entries, base, file_size, where)
     return entries, crc32c(raw, crc32c(prefix))
+
+
+def _matched(raw: bytes, base: int, where: str, match: Match) -> list[HeaderEntry] | None:
+    """The entries ``match`` vouches for, from a parse without the duplicate-key hook, when
+    the header provably holds no duplicate key: its ``:`` count is exactly its pairs' (a
+    duplicate adds a pair; a ``:`` inside a string only adds to the count, which then sends
+    the header to the full parse, as does anything else unusual). ``None``: the full parse
+    decides, and raises the error that names what is wrong."""
+    header = _parse_json(raw, where, plain=True)
+    if type(header) is not dict:
+        return None
+    had_meta = "__metadata__" in header
+    meta = header.pop("__metadata__", {})
+    if type(meta) is not dict or any(type(v) is not str for v in meta.values()):
+        return None
+    if raw.count(b":") != had_meta + len(meta) + 4 * len(header):  # entry key + its 3 fields
+        return None
+    return match(header, base)
 
 
 def _check_tiling(entries: list[HeaderEntry], base: int, file_size: int, where: str) -> None:

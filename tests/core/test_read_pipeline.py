@@ -91,3 +91,24 @@ def test_a_header_unlike_the_manifest_gets_the_error_that_names_it(tmp_path, old
     with pytest.raises(errors.CheckpointError) as got:
         checkpointer.load(path, verify=False)
     assert type(got.value).__name__ == error
+
+
+@pytest.mark.parametrize("meta,error", [
+    (b'{"f":"","f":""}', "DuplicateKeyError"),  # a duplicate key the fast parse would not see
+    (b'{"f":"","g":""}', None),                 # the fast path
+    (b'{"format":"::"}', None),                 # ":" inside a string: the full parse
+    (b'{"format":1234}', None),                 # not str: the full parse (which ignores metadata)
+])
+def test_duplicate_keys_are_refused_on_the_fast_path_too(tmp_path, meta, error):
+    path = tmp_path / "c"
+    st = {"a": np.arange(4, dtype=np.float32), "b": np.arange(3, dtype=np.int64)}
+    checkpointer.save(path, st)
+    _edit_header(path, b'{"format":"pt"}', meta)
+    for verify in (False, True):
+        if error is None:
+            got = checkpointer.load(path, verify=False)
+            assert all(np.array_equal(got[k], v) for k, v in st.items())
+        else:
+            with pytest.raises(errors.CheckpointError) as got_error:
+                checkpointer.load(path, verify=verify)
+            assert type(got_error.value).__name__ == error
