@@ -14,10 +14,11 @@ from typing import Any
 
 from . import collective
 from .distributed import Coordinator
-from .errors import CheckpointError, InsufficientMemoryError
+from .errors import CheckpointError, CheckpointNotFoundError, InsufficientMemoryError
 from .hints import restore_not_found
 from .info import Checkpoint, CheckpointInfo
 from .load import load_checkpoint
+from .payload import is_file_checkpoint
 from .plan import CheckpointWarning, Scored
 from .sharding import ShardSpec
 from .storage import Store
@@ -38,6 +39,7 @@ def load_first(store: Store, coord: Coordinator, which: str | int, candidates: S
         CheckpointNotFoundError: nothing matches ``which`` (or nothing verifies).
         CorruptCheckpointError: the checkpoint asked for fails verification.
     """
+    files = []  # file checkpoints (checkpointer.payload): a framework reads those, not restore
     for entry in candidates:
         error: BaseException | None = None
         tree: Any = None
@@ -50,9 +52,20 @@ def load_first(store: Store, coord: Coordinator, which: str | int, candidates: S
         if error is None:
             log.info("restored %s", entry.info.url)
             return Checkpoint(entry.info, tree)
+        if is_file_checkpoint(store, entry.info.name):  # not broken: skipped, or said so
+            files.append(entry.info.url)
+            if fallback and can_fall_back:
+                continue
+            raise CheckpointNotFoundError(_FILES.format(entry.info.url)) from error
         if not (fallback and can_fall_back) or isinstance(error, InsufficientMemoryError):
             raise error  # a memory shortage is not the checkpoint's fault: no fallback
         msg = f"checkpoint {entry.info.url} is broken ({error}); falling back"
         log.warning(msg)
         warnings.warn(msg, CheckpointWarning, stacklevel=3)  # at restore's caller
+    if files:
+        raise CheckpointNotFoundError(_FILES.format(", ".join(files)))
     raise restore_not_found(store.url, which, listed, bool(candidates))
+
+
+_FILES = ("restore() reads state checkpoints; {} is one file a payload writer wrote (a framework's own "
+          "format, e.g. Keras's .weights.h5): read it with that framework, e.g. model.load_weights(info.url)")

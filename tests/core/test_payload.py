@@ -12,13 +12,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import fsspec
+import numpy as np
 import pytest
 
 from checkpointer import CheckpointManager
 from checkpointer.cli import main
-from checkpointer.errors import ChecksumMismatchError, ConfigurationError
+from checkpointer.errors import CheckpointNotFoundError, ChecksumMismatchError, ConfigurationError
 from checkpointer.owners import new_owner
 from checkpointer.payload import SIDECAR_SUFFIX, read_file_manifest, sidecar, verify_file
 from checkpointer.storage import open_store
@@ -166,3 +168,29 @@ def test_object_store_files(tmp_path: Path) -> None:
 def test_bad_payload_options(tmp_path: Path, kw: dict, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         manager(tmp_path, **kw)
+
+
+def test_restore_says_a_file_checkpoint_is_the_frameworks_to_read(tmp_path: Path) -> None:
+    """restore() reads state checkpoints: a payload writer's file is neither "broken" nor
+    loaded; with a state checkpoint beside it, "latest" skips the file and restores that."""
+    import warnings
+
+    def writer(state: Any, path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(b"weights")
+
+    with CheckpointManager(tmp_path / "only", payload=writer, filename="model.bin") as files:
+        files.save(object(), step=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "broken; falling back"
+        for which in ("latest", "model.bin"):
+            with pytest.raises(CheckpointNotFoundError, match="read it with that framework"):
+                CheckpointManager(tmp_path / "only").restore(which)
+    with CheckpointManager(tmp_path / "both") as mgr:
+        mgr.save({"w": np.arange(3)}, step=0)
+    with CheckpointManager(tmp_path / "both", payload=writer, filename="model.bin") as files:
+        files.save(object(), step=1)  # the newest is the file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = CheckpointManager(tmp_path / "both").restore("latest")
+    assert got.info.step == 0 and got.state["w"].tolist() == [0, 1, 2]
