@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from .commit import write_checkpoint
-from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, StateTreeError
+from .errors import CheckpointError, CheckpointNotFoundError, StateTreeError
 from .hints import refuse_checkpoint
 from .info import CheckpointInfo
 from .load import load_checkpoint
@@ -15,6 +15,7 @@ from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .naming import check_name
 from .paths import join_url
 from .plan import clean_metrics
+from .retention import check_limit
 from .storage import open_store, split_url
 from .tree import flatten, resolve_state, unflatten
 from .version import LIBRARY
@@ -45,9 +46,8 @@ def save(url: str | os.PathLike[str], state: Any, *, metadata: Any = None,
         if meta_arrays:
             raise StateTreeError("metadata must hold plain values only, not arrays")
     now = time.time()
-    for what, value in (("step", step), ("epoch", epoch)):
-        if value is not None and (type(value) is not int or not 0 <= value < 2**63):
-            raise ConfigurationError(f"{what} must be an int >= 0 or None, got {value!r}")
+    check_limit("step", step)
+    check_limit("epoch", epoch)
     scores = clean_metrics(metrics)
     fields: dict[str, Any] = {"step": step, "epoch": epoch, "metrics": scores, "time": now,
                               "managed": False, "seq": -1, "library": LIBRARY, "metadata": meta_skeleton}

@@ -119,20 +119,22 @@ def checked_header(f: BinaryIO, size: int, expected: Mapping[str, TensorRow], wh
                    ) -> tuple[list[HeaderEntry], int]:
     """The header of an open data file, which must list exactly the ``expected`` rows
     (dtype, shape and byte range each): (entries, header crc)."""
-    entries, head_crc = read_header(f, size, where, partial(_as_expected, expected))
-    if len(entries) != len(expected) or any(
+    matched: list[bool] = []  # whether the entries are the expected rows themselves
+    entries, head_crc = read_header(f, size, where, partial(_as_expected, expected, matched))
+    if not matched and (len(entries) != len(expected) or any(
             (t := expected.get(e.key)) is None or t.dtype != e.code or t.begin != e.begin
-            or t.end != e.end or t.shape != e.shape for e in entries):
+            or t.end != e.end or t.shape != e.shape for e in entries)):
         raise ManifestError(f"{where}: tensors in the file disagree with the manifest")
     return entries, head_crc
 
 
-def _as_expected(expected: Mapping[str, TensorRow], header: dict[str, Any], base: int
+def _as_expected(expected: Mapping[str, TensorRow], matched: list[bool], header: dict[str, Any], base: int
                  ) -> list[HeaderEntry] | None:
     """The entries when ``header`` lists exactly the ``expected`` rows, which the manifest's
     validation vouches for (dtype allow-listed, shape and range agreeing): then no entry
-    needs validating again. ``None`` at the first difference (the caller then validates
-    each entry, for the error that names what is wrong)."""
+    needs validating again, nor comparing with the rows (``matched`` records it). ``None``
+    at the first difference (the caller then validates each entry, for the error that
+    names what is wrong)."""
     if len(header) != len(expected):
         return None
     out = []
@@ -143,6 +145,7 @@ def _as_expected(expected: Mapping[str, TensorRow], header: dict[str, Any], base
             return None
         out.append(HeaderEntry(key, SAFETENSORS_TO_NUMPY[t.dtype], t.dtype, t.shape, t.begin, t.end))
     out.sort(key=_begin)
+    matched.append(True)
     return out
 
 
