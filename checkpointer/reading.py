@@ -130,11 +130,9 @@ def checked_header(f: BinaryIO, size: int, expected: Mapping[str, TensorRow], wh
 
 def _as_expected(expected: Mapping[str, TensorRow], matched: list[bool], header: dict[str, Any], base: int
                  ) -> list[HeaderEntry] | None:
-    """The entries when ``header`` lists exactly the ``expected`` rows, which the manifest's
-    validation vouches for (dtype allow-listed, shape and range agreeing): then no entry
-    needs validating again, nor comparing with the rows (``matched`` records it). ``None``
-    at the first difference (the caller then validates each entry, for the error that
-    names what is wrong)."""
+    """The entries when ``header`` lists exactly the ``expected`` rows (which the manifest's
+    validation vouches for): no entry then needs checking again (``matched`` records it).
+    ``None`` at the first difference: the caller validates each entry, naming what is wrong."""
     if len(header) != len(expected):
         return None
     out = []
@@ -144,12 +142,9 @@ def _as_expected(expected: Mapping[str, TensorRow], matched: list[bool], header:
                                  "data_offsets": [t.begin - base, t.end - base]}:
             return None
         out.append(HeaderEntry(key, SAFETENSORS_TO_NUMPY[t.dtype], t.dtype, t.shape, t.begin, t.end))
-    out.sort(key=_begin)
+    out.sort(key=operator.attrgetter("begin"))
     matched.append(True)
     return out
-
-
-_begin = operator.attrgetter("begin")
 
 
 def entry_of(row: TensorRow, file_nbytes: int, where: str) -> HeaderEntry:
