@@ -14,6 +14,7 @@ removes only leftovers of owners that are provably dead (this host, process gone
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from . import format as fmt
+from . import reaper
 from .errors import CheckpointError, StorageError
 from .gcpause import without_gc
 from .index import forget_index
@@ -101,6 +103,29 @@ def commit_copy(store: Store, name: str, manifest: Manifest, produce: Produce) -
 
 
 def _commit(store: Store, name: str, work: _Work) -> Committed:
+    try:
+        return _commit_once(store, name, work)
+    except (StorageError, OSError) as exc:  # a sink's own write raises the OSError
+        # Out of space while retention's deletes still run (checkpointer.reaper): the space
+        # they free is what a save with keep_last / keep_best counts on. Wait, then retry
+        # once (alone only: the other ranks of a save would not retry with it).
+        if work.participants is not None or not (_out_of_space(exc) and reaper.pending()):
+            raise
+    log.info("out of space with deletes still running: waiting for them, then saving %s again", name)
+    reaper.wait_removals()
+    return _commit_once(store, name, work)
+
+
+def _out_of_space(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _commit_once(store: Store, name: str, work: _Work) -> Committed:
     owner = new_owner()
     try:
         write = _write_renaming if store.atomic_rename else _write_object_store

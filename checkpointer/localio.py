@@ -40,6 +40,7 @@ class LocalWriter:
         self.buf = bytearray()
         self._sync: threading.Thread | None = None
         self._sync_errors: list[BaseException] = []
+        self._synced = False  # a started fsync covers every byte written so far
 
     def write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
@@ -53,6 +54,7 @@ class LocalWriter:
             self._write_all(view)
 
     def _write_all(self, view: memoryview) -> None:
+        self._synced = False
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
@@ -65,7 +67,7 @@ class LocalWriter:
     def start_sync(self) -> None:
         """Flush and start ``fsync`` on a helper thread, so the caller's CPU work (checksums)
         overlaps the disk wait; :meth:`close` joins it, raises its error, and syncs again
-        (cheap: only what was written since)."""
+        only if something was written since."""
         self._flush()
         sync = threading.Thread(target=self._fsync_to, args=(self._sync_errors,),
                                 name="checkpointer-fsync", daemon=True)
@@ -73,7 +75,7 @@ class LocalWriter:
             sync.start()
         except RuntimeError:  # no new threads at interpreter shutdown: close() syncs
             return
-        self._sync = sync
+        self._sync, self._synced = sync, True
 
     def _fsync_to(self, errors: list[BaseException]) -> None:
         try:
@@ -92,7 +94,7 @@ class LocalWriter:
             self._join_sync()
             if self._sync_errors:
                 raise self._sync_errors[0]
-            if durable:
+            if durable and not self._synced:
                 os.fsync(self.fd)
         finally:
             os.close(self.fd)

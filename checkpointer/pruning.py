@@ -95,7 +95,7 @@ def prune(store: Store, retention: Retention, monitor: Monitor | None, entries: 
     left = list(entries)
     for name in retention.to_delete(records(entries, settings), monitor, protected):
         try:
-            remove_checkpoint(store, name)
+            remove_checkpoint(store, name, background=True)
         except CheckpointError as exc:
             log.warning("could not delete %s: %s", store.url_of(name), exc)
             continue

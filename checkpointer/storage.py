@@ -16,6 +16,7 @@ import os
 import posixpath
 import shutil
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, BinaryIO, Protocol, TypeVar
 
 import fsspec
@@ -131,7 +132,10 @@ class LocalStore(_Rooted):
                 return out
             for entry in os.scandir(self.root):
                 if entry.is_dir(follow_symlinks=False):
-                    out += [f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path)]
+                    try:  # a folder deleted meanwhile (a background delete, another writer)
+                        out += [f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path)]
+                    except FileNotFoundError:
+                        continue
                     out.append(entry.name + "/")
                 else:
                     out.append(entry.name)
@@ -199,7 +203,7 @@ class LocalStore(_Rooted):
         if os.path.islink(path) or os.path.isfile(path):
             _guard(f"deleting {path}", lambda: os.unlink(path))
         else:
-            _guard(f"deleting {path}", lambda: shutil.rmtree(path))
+            _guard(f"deleting {path}", lambda: shutil.rmtree(path, onerror=partial(_gone_is_fine, path)))
 
     def unfinished_uploads(self) -> list[tuple[str, str]]:
         return []  # a local write leaves a file, never an upload
@@ -215,6 +219,13 @@ class LocalStore(_Rooted):
             finally:
                 os.close(fd)
         _guard(f"fsync of folder {self.path(rel)}", sync)
+
+
+def _gone_is_fine(top: str, func: Any, path: str, exc_info: Any) -> None:
+    """``rmtree``'s error hook: a file or folder inside ``top`` deleted meanwhile (by a
+    background delete or another writer) is what we wanted; any other error is raised."""
+    if path == top or not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 class FsspecStore(_Rooted):

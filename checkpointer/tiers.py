@@ -63,6 +63,7 @@ from .info import Checkpoint, CheckpointInfo
 from .monitor import Monitor
 from .payload import file_entries
 from .plan import CheckpointWarning, Scored, decode_scored, encode_scored, kept_index_config
+from .reaper import wait_removals
 from .replica_process import Copier
 from .restoring import load_first
 from .retention import Retention, check_limit
@@ -372,13 +373,17 @@ class Tiers:
 
     def wait(self, coord: Coordinator, local: list[Scored]) -> list[Scored]:
         """Wait for the replica's copies (rank 0), then give every rank rank 0's view (with
-        several processes a collective, as ``close``); the local entries."""
+        several processes a collective, as ``close``); the local entries. Retention's
+        background deletes (:mod:`checkpointer.reaper`) are waited for first."""
+        wait_removals()
         if self.replica is None:
             return local
         self.replica.wait()
         return self.agree(coord, local)
 
     def close(self, coord: Coordinator) -> None:
-        """:meth:`Replica.close` on rank 0, its outcome (an error) on every rank."""
+        """:meth:`Replica.close` on rank 0, its outcome (an error) on every rank (after
+        retention's background deletes)."""
+        wait_removals()
         if self.replica is not None:
             run_on_primary(coord, self.replica.close, lambda _: None, lambda _: None)

@@ -124,5 +124,6 @@ def test_fsync_failure_fails_the_save(
         assert digest(d) == before
         assert not engine_leftovers(open_store(d), ["step-000000000"])
         trials["fsync-failure cases (save failed, nothing visible)"] += 1
-    # the data file, the manifest, the staging folder and the parent folder, at least
-    assert failed >= 5
+    # the data file, the manifest, the staging folder and the parent folder, at least (the
+    # data file is fsynced once: the fsync started before its checksums covers every byte)
+    assert failed >= 4
