@@ -26,10 +26,12 @@ def rng_state() -> dict[str, Any]:
     """The state of Python's ``random``, numpy's global generator and torch's generators.
 
     Keys: ``"python"``, ``"numpy"``, ``"torch"`` and, where CUDA is available, ``"cuda"``
-    (one array per device). Feed the result to :func:`set_rng_state`.
+    (one array per device); Python's 625-word Mersenne Twister state as one uint32 array
+    (one leaf, not 625). Feed the result to :func:`set_rng_state`.
     """
+    version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
-        "python": random.getstate(),
+        "python": (version, np.array(internal, dtype=np.uint32), gauss),
         "numpy": np.random.get_state(),
         "torch": tensor_to_array(torch.get_rng_state()),
     }
@@ -57,7 +59,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     try:
         if "python" in state:
             version, internal, gauss = state["python"]
-            random.setstate((version, tuple(internal), gauss))
+            random.setstate((version, tuple(int(x) for x in _as_array(internal, np.int64)), gauss))
         if "numpy" in state:
             kind, keys, pos, has_gauss, cached = state["numpy"]
             np.random.set_state(
