@@ -136,12 +136,13 @@ def _as_expected(expected: Mapping[str, TensorRow], matched: list[bool], header:
     if len(header) != len(expected):
         return None
     out = []
+    make, numpy_dtype = tuple.__new__, SAFETENSORS_TO_NUMPY  # a hot loop: a row per tensor
     for key, info in header.items():
         t = expected.get(key)
         if t is None or info != {"dtype": t.dtype, "shape": list(t.shape),
                                  "data_offsets": [t.begin - base, t.end - base]}:
             return None
-        out.append(HeaderEntry(key, SAFETENSORS_TO_NUMPY[t.dtype], t.dtype, t.shape, t.begin, t.end))
+        out.append(make(HeaderEntry, (key, numpy_dtype[t.dtype], t.dtype, t.shape, t.begin, t.end)))
     out.sort(key=operator.attrgetter("begin"))
     matched.append(True)
     return out
@@ -184,8 +185,9 @@ def read_tensors(
         else:
             arena = allocate((end - start,), np.uint8, where, f"{len(run)} tensors from {run[0].key!r:.80}")
             buf = memoryview(arena)  # type: ignore[arg-type]
+            view = np.ndarray  # one call per tensor (not a slice, a view and a reshape)
             for e in run:
-                out[e.key] = arena[e.begin - start:e.end - start].view(e.dtype).reshape(e.shape)
+                out[e.key] = view(e.shape, e.dtype, arena, e.begin - start)
         crcs += _read_run(f, run, buf, expected_crc is not None, where)
     chained = []
     for keys, result in crcs:

@@ -169,7 +169,11 @@ def unflatten(skeleton: Any, lookup: Callable[[str], np.ndarray] | Mapping[str, 
             for item in rest[0]:
                 if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
                     raise bad(f"dict item {item!r:.80}")
-                out[item[0]] = build(item[1], depth + 1)
+                value = item[1]
+                if type(value) is list and len(value) == 2 and value[0] == "a" and type(value[1]) is str:
+                    out[item[0]] = _array(value[1], get, bad)  # the common leaf, without a call down
+                else:
+                    out[item[0]] = build(value, depth + 1)
             return out
         if tag in ("l", "t") and len(rest) == 1 and isinstance(rest[0], list):
             items = [build(v, depth + 1) for v in rest[0]]
@@ -199,16 +203,20 @@ def _build_leaf(tag: str, rest: list[Any], get: Callable[[str], np.ndarray],
             return int(value)
         return value
     if tag == "a" and len(rest) == 1 and isinstance(rest[0], str):
-        try:
-            return get(rest[0])
-        except KeyError:
-            raise bad(f"array {rest[0]!r} is not among the stored tensors") from None
+        return _array(rest[0], get, bad)
     if tag == "g" and len(rest) == 2 and isinstance(rest[0], str) and isinstance(rest[1], bytes):
         dtype = safetensors_to_numpy(rest[0])
         if dtype is None or len(rest[1]) != dtype.itemsize:
             raise bad(f"numpy scalar of dtype {rest[0]!r:.20} with {len(rest[1])} bytes")
         return np.frombuffer(rest[1], dtype=dtype)[0]
     raise bad(f"unknown node {[tag, *rest]!r:.80}")
+
+
+def _array(key: str, get: Callable[[str], np.ndarray], bad: Callable[[str], ManifestError]) -> np.ndarray:
+    try:
+        return get(key)
+    except KeyError:
+        raise bad(f"array {key!r} is not among the stored tensors") from None
 
 
 def specs_from_template(template: Any) -> dict[str, ShardSpec]:
