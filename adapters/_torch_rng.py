@@ -59,7 +59,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     try:
         if "python" in state:
             version, internal, gauss = state["python"]
-            random.setstate((version, tuple(int(x) for x in _as_array(internal, np.int64)), gauss))
+            random.setstate((version, tuple(_as_array(internal, np.int64).tolist()), gauss))
         if "numpy" in state:
             kind, keys, pos, has_gauss, cached = state["numpy"]
             np.random.set_state(

@@ -5,9 +5,8 @@ safetensors plus a checksummed msgpack manifest, atomically, on any fsspec store
 when to save, which saves improve a monitored metric and which checkpoints to keep.
 Framework adapters live in :mod:`checkpointer.adapters` and are imported on demand.
 
-Example::
+Example (``CheckpointManager`` imported from this package)::
 
-    from checkpointer import CheckpointManager
     with CheckpointManager("ckpts", monitor="val_loss", keep_best=3) as mgr:
         mgr.epoch_end(1, {"w": w}, metrics={"val_loss": 0.3})
 """

@@ -14,6 +14,7 @@ tries again, see :mod:`checkpointer.commit`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -35,13 +36,10 @@ def later(job: Callable[[], None]) -> None:
     global _thread
     with _cond:
         if _thread is None:
-            thread: threading.Thread | None = threading.Thread(
-                target=_work, name="checkpointer-delete", daemon=True)
-            try:
-                thread.start()  # type: ignore[union-attr]
-            except RuntimeError:  # interpreter shutdown: no new threads
-                thread = None
-            _thread = thread
+            thread = threading.Thread(target=_work, name="checkpointer-delete", daemon=True)
+            with contextlib.suppress(RuntimeError):  # interpreter shutdown: no new threads
+                thread.start()
+                _thread = thread
         if _thread is not None:
             _jobs.append(job)
             _cond.notify_all()

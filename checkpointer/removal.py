@@ -57,7 +57,10 @@ def remove_checkpoint(store: Store, name: str, *, background: bool = False) -> l
             release_owner(owner)
             raise
         finish = partial(_finish_delete, store, gone, owner)
-        reaper.later(finish) if background else finish()
+        if background:
+            reaper.later(finish)
+        else:
+            finish()
         return []
     if MANIFEST_NAME in ours:
         store.remove_file(f"{name}/{MANIFEST_NAME}")
