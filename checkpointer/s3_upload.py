@@ -3,7 +3,8 @@
 A data file's size is known before it is written (its tensors' bytes, plus a header), so
 :func:`open_object` picks what ``pipe_file`` would for that many bytes:
 
-- below :data:`SINGLE_PUT_BYTES` one ``PUT`` (s3fs's file buffers it whole, then puts it);
+- below :data:`SINGLE_PUT_BYTES` one ``PUT`` of a buffer filled in place (:class:`SinglePut`;
+  s3fs's own file copies the bytes into a ``BytesIO``, then out of it, then once more);
 - above it a multipart upload whose parts go :data:`IN_FLIGHT` at a time on s3fs's event
   loop while the writer fills the next one (:class:`ParallelUpload`), so the upload runs at
   the store's parallel speed rather than one part after another. Memory: at most
@@ -24,12 +25,13 @@ from typing import Any
 
 from fsspec.asyn import sync
 
-__all__ = ["open_object", "ParallelUpload", "SINGLE_PUT_BYTES", "PART_BYTES", "IN_FLIGHT"]
+__all__ = ["open_object", "SinglePut", "ParallelUpload", "SINGLE_PUT_BYTES", "PART_BYTES", "IN_FLIGHT"]
 
 SINGLE_PUT_BYTES = 100 << 20  # s3fs pipe_file: one put below 2 x its 50 MiB chunks
 PART_BYTES = 16 << 20
 IN_FLIGHT = 4
 _HEADER_ROOM = 16 << 20  # a header's bytes beyond the tensors' (a cap, not an estimate)
+_SINGLE_PUT_ROOM = 1 << 20  # what a SinglePut reserves for it (it grows past that if needed)
 
 
 def open_object(fs: Any, path: str, size_hint: int | None) -> Any:
@@ -37,11 +39,49 @@ def open_object(fs: Any, path: str, size_hint: int | None) -> Any:
     parallel = callable(getattr(fs, "_call_s3", None)) and getattr(fs, "loop", None) is not None
     if size_hint is not None and parallel and size_hint >= SINGLE_PUT_BYTES:
         return ParallelUpload(fs, path)
+    if size_hint is not None and parallel and size_hint + _HEADER_ROOM < SINGLE_PUT_BYTES:
+        return SinglePut(fs, path, size_hint + _SINGLE_PUT_ROOM)
     if size_hint is not None and size_hint + _HEADER_ROOM < SINGLE_PUT_BYTES:
         # one buffer for the whole object: closed, it is a single PUT (a multipart upload
         # costs three requests more and, on some servers, a copy of every part)
         return fs.open(path, "wb", block_size=max(5 << 20, size_hint + _HEADER_ROOM))
     return fs.open(path, "wb")
+
+
+class SinglePut:
+    """One object sent with one ``PUT`` at :meth:`close`, from one buffer the writes fill in
+    place (grown only past ``capacity``); :meth:`discard` sends nothing."""
+
+    def __init__(self, fs: Any, path: str, capacity: int) -> None:
+        self.fs, self.path = fs, path
+        self.bucket, self.key, _ = fs.split_path(path)
+        self._buf: bytearray | None = bytearray(capacity)
+        self._end = 0
+
+    def write(self, data: Any) -> int:
+        if self._buf is None:
+            raise ValueError(f"write to {self.path} after close or discard")
+        view = memoryview(data).cast("B")
+        end = self._end + len(view)
+        if end > len(self._buf):
+            self._buf.extend(bytes(end - len(self._buf)))
+        self._buf[self._end:end] = view
+        self._end = end
+        return len(view)
+
+    def close(self) -> None:
+        """Send the object. The body is ``bytes``: one copy here costs less than botocore and
+        aiohttp take to send a ``bytearray`` (measured: about 20% slower at 64 MiB)."""
+        if self._buf is None:
+            return
+        buf, self._buf = self._buf, None
+        body = bytes(memoryview(buf)[:self._end])
+        del buf
+        sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=self.bucket, Key=self.key, Body=body)
+        self.fs.invalidate_cache(self.path)
+
+    def discard(self) -> None:
+        self._buf = None
 
 
 class ParallelUpload:

@@ -15,7 +15,7 @@ from _relcommon import CHECKSUM_MODES, s3_options
 
 import checkpointer
 from checkpointer import CheckpointError, s3_upload
-from checkpointer.s3_upload import ParallelUpload
+from checkpointer.s3_upload import ParallelUpload, SinglePut
 from checkpointer.storage import open_store
 
 MiB = 1 << 20
@@ -65,6 +65,30 @@ def test_parallel_parts_make_one_whole_object(s3_dir: str, s3_endpoint: str, che
     assert not multipart_leftovers(store)
 
 
+@pytest.mark.parametrize("checksum", list(CHECKSUM_MODES))
+def test_a_single_put_sends_its_buffer_once_at_close(s3_dir: str, s3_endpoint: str, checksum: str,
+                                                     calls: Counter[str]) -> None:
+    store = open_store(s3_dir, s3_options(s3_endpoint, checksum))
+    fs = store.fs  # type: ignore[attr-defined]
+    data = _data(3 * MiB + 4321, seed=2)
+    up = SinglePut(fs, store.path("one"), capacity=MiB)  # outgrown: the buffer extends
+    view = memoryview(data)
+    for at in range(0, len(data), 700_001):
+        assert up.write(view[at:at + 700_001]) == len(view[at:at + 700_001])
+    up.write(np.arange(3, dtype=np.int32))  # any buffer, as bytes
+    assert not fs.exists(store.path("one")) and calls["put_object"] == 0
+    up.close()
+    up.close()  # a second close sends nothing more
+    assert fs.cat_file(store.path("one")) == data + np.arange(3, dtype=np.int32).tobytes()
+    assert calls["put_object"] == 1 and calls["create_multipart_upload"] == 0
+    with pytest.raises(ValueError, match="after close"):
+        up.write(b"late")
+    gone = SinglePut(fs, store.path("never"), capacity=10)
+    gone.write(b"some bytes")
+    gone.discard()
+    assert not fs.exists(store.path("never")) and calls["put_object"] == 1
+
+
 def test_a_discarded_or_failing_upload_leaves_nothing(s3_dir: str, s3_endpoint: str) -> None:
     store = open_store(s3_dir, s3_options(s3_endpoint))
     fs = store.fs  # type: ignore[attr-defined]
@@ -79,6 +103,11 @@ def test_a_discarded_or_failing_upload_leaves_nothing(s3_dir: str, s3_endpoint: 
         with store.writer("cut", 200 * MiB) as w:
             w.write(_data(17 * MiB))
             raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):  # and a single PUT's: nothing is sent
+        with store.writer("cut-small", MiB) as w:
+            w.write(_data(MiB))
+            raise KeyboardInterrupt
+    assert not fs.exists(store.path("cut-small"))
     assert not fs.exists(store.path("cut")) and not multipart_leftovers(store)
 
 
