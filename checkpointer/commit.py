@@ -24,7 +24,7 @@ import numpy as np
 
 from . import format as fmt
 from . import reaper
-from .errors import CheckpointError, StorageError
+from .errors import CheckpointError, CheckpointNotFoundError, StorageError
 from .gcpause import without_gc
 from .index import forget_index
 from .limits import HEADER_BUDGET, check_manifest_size, check_writable, header_bytes
@@ -249,11 +249,17 @@ def _write_renaming(store: Store, name: str, work: _Work, owner: str) -> Committ
     return committed
 
 
+def _folder_files(store: Store, name: str) -> list[str]:
+    try:
+        return store.list_folder(name)
+    except CheckpointNotFoundError:
+        return []
+
+
 def _write_object_store(store: Store, name: str, work: _Work, owner: str) -> Committed:
-    listing = store.list_files()
-    before = {p.split("/", 1)[1] for p in listing if p.startswith(name + "/") and "/" in p.rstrip("/")}
+    before = set(_folder_files(store, name))  # one listing of this name, not of the root
     written: list[str] = []
-    foreign = any(not DATA_RE.match(b) for b in before) or name in listing  # a file of that name
+    foreign = any(not DATA_RE.match(b) for b in before)  # a file of that name lists as itself
     if MANIFEST_NAME not in before and foreign:
         raise StorageError(f"{store.url_of(name)} exists and is not a checkpoint: not writing into it")
     prior: set[str] = set()  # the data the replaced manifest names: ours to delete after
@@ -265,9 +271,9 @@ def _write_object_store(store: Store, name: str, work: _Work, owner: str) -> Com
         committed, written = _write_files(store, name, f"data-{owner}-", work)
     except BaseException:
         with contextlib.suppress(Exception):
-            for f in store.list_files():
-                if f.startswith(f"{name}/data-{owner}-"):
-                    store.remove_file(f)
+            for f in _folder_files(store, name):
+                if f.startswith(f"data-{owner}-"):
+                    store.remove_file(f"{name}/{f}")
         raise
     for old in before - set(written) - {MANIFEST_NAME}:
         # Never the objects of a live concurrent writer of this name: its manifest may

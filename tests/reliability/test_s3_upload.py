@@ -71,7 +71,7 @@ def test_a_single_put_sends_its_buffer_once_at_close(s3_dir: str, s3_endpoint: s
     store = open_store(s3_dir, s3_options(s3_endpoint, checksum))
     fs = store.fs  # type: ignore[attr-defined]
     data = _data(3 * MiB + 4321, seed=2)
-    up = SinglePut(fs, store.path("one"), capacity=MiB)  # outgrown: the buffer extends
+    up = SinglePut(fs, store.path("one"))
     view = memoryview(data)
     for at in range(0, len(data), 700_001):
         assert up.write(view[at:at + 700_001]) == len(view[at:at + 700_001])
@@ -83,7 +83,7 @@ def test_a_single_put_sends_its_buffer_once_at_close(s3_dir: str, s3_endpoint: s
     assert calls["put_object"] == 1 and calls["create_multipart_upload"] == 0
     with pytest.raises(ValueError, match="after close"):
         up.write(b"late")
-    gone = SinglePut(fs, store.path("never"), capacity=10)
+    gone = SinglePut(fs, store.path("never"))
     gone.write(b"some bytes")
     gone.discard()
     assert not fs.exists(store.path("never")) and calls["put_object"] == 1
@@ -128,3 +128,19 @@ def test_saves_take_one_put_below_the_threshold_and_parallel_parts_above(
     assert all(np.array_equal(got[k], v) for k, v in big.items())
     assert not multipart_leftovers(open_store(s3_dir, opts))
     assert os.environ.get("AWS_ACCESS_KEY_ID") == "testing"  # the server's, never a real account
+
+
+def test_a_save_lists_its_own_folder_not_every_checkpoint_beside_it(
+        s3_dir: str, s3_endpoint: str, calls: Counter[str]) -> None:
+    opts = s3_options(s3_endpoint)
+    state = {"w": np.arange(1000, dtype=np.float32)}
+    counts = []
+    for i in range(6):
+        calls.clear()
+        checkpointer.save(f"{s3_dir}/ck{i}", state, storage_options=opts)
+        counts.append(calls["list_objects_v2"])
+    assert counts[-1] == counts[1] <= 2, counts  # six checkpoints side by side: no more listings
+    with pytest.raises(CheckpointError, match="not a checkpoint"):  # a file of that name stays
+        open_store(s3_dir, opts).put_bytes("plain", b"x")
+        checkpointer.save(f"{s3_dir}/plain", state, storage_options=opts)
+    assert open_store(s3_dir, opts).read_bytes("plain") == b"x"
