@@ -22,10 +22,10 @@ import keras
 
 from checkpointer import CheckpointInfo, CheckpointManager
 from checkpointer.errors import ConfigurationError
-from checkpointer.preemption import DEFAULT_SIGNALS
+from checkpointer.preemption import DEFAULT_SIGNALS, PreemptionSession
 from checkpointer.storage import open_store
 
-from ._keras_common import RESUMED, BatchCounter, PreemptionStop, check_save_freq
+from ._keras_common import RESUMED, BatchCounter, check_save_freq
 from ._keras_state import global_step, load_state, to_state
 
 __all__ = ["BackupAndRestore"]
@@ -71,7 +71,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.save_freq = check_save_freq(save_freq, backup=True)
         self.double_checkpoint, self.delete_checkpoint = bool(double_checkpoint), bool(delete_checkpoint)
         self.storage_options = storage_options
-        self._preemption = PreemptionStop(save_on_preemption, preemption_signals)
+        self._preemption = PreemptionSession(save_on_preemption, preemption_signals)
         self._manager: CheckpointManager | None = None
         self._counter: BatchCounter | None = None
         self._current_epoch = 0  # the epoch a backup resumes at (Keras's name)
@@ -158,7 +158,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         """A pending notice: back up here (unless ``saved`` just did), then stop training."""
         if self._preemption.due() is not None:
             info = saved or self._save()  # synchronous: committed when it returns
-            self._preemption.stopped(self.model, info.url)
+            self.model.stop_training = True
+            self._preemption.finish(info.url)
 
     def _save(self) -> CheckpointInfo:
         assert self._manager is not None, "on_train_begin was not called"

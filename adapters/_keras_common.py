@@ -1,22 +1,18 @@
 """Small pieces of the Keras callbacks: Keras's argument rules and messages, its batch
-counting, log and path translation, and the preemption stop."""
+counting and path translation."""
 
 from __future__ import annotations
 
-import logging
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from checkpointer.errors import ConfigurationError
 from checkpointer.naming import template_fields
-from checkpointer.preemption import PreemptionWatch, preemption_options
 
 __all__ = ["KERAS_SUFFIXES", "RESUMED", "check_mode", "check_save_freq", "check_preemption_path",
            "check_weights_path", "BatchCounter", "print_msg", "print_save", "direction_from_model",
-           "scalar_logs", "split_filepath", "PreemptionStop"]  # fmt: skip
+           "split_filepath"]  # fmt: skip
 
-_log = logging.getLogger("checkpointer")
 KERAS_SUFFIXES = (".weights.h5", ".keras", ".h5")
 RESUMED: set[int] = set()  # id() of the models a BackupAndRestore restored in the running fit
 
@@ -118,17 +114,6 @@ def direction_from_model(model: Any, monitor: str) -> str | None:
     return None
 
 
-def scalar_logs(logs: Mapping[str, Any]) -> dict[str, Any]:
-    """The log entries that are scalar numbers, as floats (others cannot be metrics)."""
-    out: dict[str, Any] = {}
-    for key, value in logs.items():
-        try:
-            out[key] = float(value.item() if hasattr(value, "item") else value)
-        except (TypeError, ValueError, RuntimeError):
-            continue
-    return out
-
-
 def split_filepath(filepath: str, keras_file: bool) -> tuple[str, str | None, str]:
     """``(directory, name template, prefix)`` of a callback's ``filepath`` (a plain folder:
     itself and ``None``); ``prefix``: the folder as written, for messages.
@@ -148,54 +133,3 @@ def split_filepath(filepath: str, keras_file: bool) -> tuple[str, str | None, st
         return directory, name, filepath[: len(filepath) - len(name)]
     return filepath, None, text + "/"
 
-
-class PreemptionStop:
-    """``save_on_preemption`` of a Keras callback: from :meth:`start` (``on_train_begin``) to
-    :meth:`close` (``on_train_end``) a :class:`~checkpointer.preemption.PreemptionWatch`
-    records a signal; the callback asks :meth:`due` at each batch and epoch end, saves, waits
-    for the commit, then calls :meth:`stopped` (``model.stop_training``). Keras ends callbacks
-    oldest first, but a watch can restore its predecessor only while installed: :meth:`close`
-    releases this one, then closes the released ones at the top of the stack.
-
-    Raises:
-        ConfigurationError: a bad option (at construction); :meth:`start` off the main thread.
-    """
-
-    _stack: ClassVar[list[PreemptionWatch]] = []  # this process's open watches, oldest first
-    _released: ClassVar[set[PreemptionWatch]] = set()  # their callbacks have ended
-
-    def __init__(self, enabled: Any, signals: Sequence[str | int] | str | int) -> None:
-        self.signals = preemption_options(enabled, signals)
-        self.enabled = enabled
-        self.watch: PreemptionWatch | None = None
-        self.done = False  # the preemption save has committed and training was told to stop
-
-    def start(self) -> None:
-        """Install the handlers for a new ``fit`` (a notice from an earlier one is dropped)."""
-        self.close()
-        self.done = False
-        if self.enabled:
-            self.watch = PreemptionWatch(self.signals)
-            self._stack.append(self.watch)
-
-    def due(self) -> str | None:
-        """The notice to act on now (the signal's name), or ``None``."""
-        return None if self.done or self.watch is None else self.watch.requested
-
-    def stopped(self, model: Any, url: str | None) -> None:
-        """The preemption save at ``url`` has committed: stop training after this batch."""
-        self.done = True
-        model.stop_training = True
-        why = None if self.watch is None else self.watch.requested
-        _log.warning("preemption (%s): saved %s; training stops", why, url)
-
-    def close(self) -> None:
-        """Put the previous signal handlers back (once the watches above this one are gone)."""
-        if self.watch is None:
-            return
-        self._released.add(self.watch)
-        self.watch = None
-        while self._stack and self._stack[-1] in self._released:
-            top = self._stack.pop()
-            self._released.discard(top)
-            top.close()

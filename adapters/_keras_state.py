@@ -1,5 +1,4 @@
-"""A Keras 3 model (and its optimizer) as a plain state tree and back, the one-liners, and a
-local copy of a remote Keras file.
+"""A Keras 3 model (and its optimizer) as a plain state tree and back, and the one-liners.
 
 The tree is ``{"weights": {path: array}, "optimizer": {path: array}}``: every variable of
 ``model.weights`` and ``model.optimizer.variables`` keyed by its ``variable.path``, in the
@@ -9,11 +8,8 @@ second model in one process has ``dense_1``) by position, every shape checked fi
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
@@ -25,10 +21,8 @@ from checkpointer import CheckpointInfo
 from checkpointer.errors import StateTreeError
 from checkpointer.hints import refuse_checkpoint
 from checkpointer.paths import render_path
-from checkpointer.payload import is_file_checkpoint, verify_file
-from checkpointer.storage import LocalStore, open_store, split_url
 
-__all__ = ["to_state", "load_state", "save", "load", "global_step", "local_copy"]
+__all__ = ["to_state", "load_state", "save", "load", "global_step"]
 
 _STANDARD_KINDS = "biufc"
 
@@ -179,33 +173,3 @@ def load(url: str | os.PathLike[str], model: Any, *, include_optimizer: bool = T
     state = checkpointer.load(url, verify=verify, storage_options=storage_options)
     load_state(model, state, include_optimizer=include_optimizer, strict=strict)
 
-
-@contextlib.contextmanager
-def local_copy(url: str | os.PathLike[str], *,
-               storage_options: dict[str, Any] | None = None) -> Iterator[str]:  # fmt: skip
-    """A local path to the Keras file at ``url`` (any fsspec URL; a local path as it is) for
-    ``model.load_weights`` / ``load_model``, which read local files only; a file a callback
-    wrote is checked against its manifest first; the copy goes when the block ends.
-
-    Raises:
-        CheckpointNotFoundError: nothing at ``url``.
-        ChecksumMismatchError: the file does not match its manifest.
-
-    Example:
-        >>> with local_copy("s3://bucket/run1/best_model.weights.h5") as path:
-        ...     model.load_weights(path)
-    """
-    parent, name = split_url(os.fspath(url))
-    store = open_store(parent, storage_options)
-    if is_file_checkpoint(store, name):
-        verify_file(store, name)
-    if isinstance(store, LocalStore):
-        yield store.path(name)
-        return
-    folder = tempfile.mkdtemp(prefix="ckpt-keras-")
-    try:
-        with store.open_read(name) as src, open(os.path.join(folder, name), "wb") as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
-        yield os.path.join(folder, name)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)

@@ -9,7 +9,7 @@ batch end, the end of validation or of the training epoch) makes its scheduled s
 Under DDP a notice on any rank stops every rank at the same point (:meth:`agreed`: one
 all-reduce per save point).
 
-The core's :class:`~checkpointer.preemption.PreemptionWatch` is installed at
+The core's :class:`~checkpointer.preemption.PreemptionSession` installs its watch at
 ``on_train_start``, after the Trainer's own SIGTERM handler, so ours runs first; the
 Trainer's teardown puts back the handlers it found, ours included. Lightning also raises
 ``SIGTERMException`` (a ``SystemExit``) after the batch or inside validation: once we take
@@ -23,50 +23,22 @@ which desynchronises ranks signalled alone.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from typing import Any
-
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from checkpointer.preemption import PreemptionWatch, preemption_options
+from checkpointer.preemption import PreemptionSession
 
 __all__ = ["LightningPreemption"]
 
-log = logging.getLogger("checkpointer")
 
-
-class LightningPreemption:
-    """One callback's preemption state across ``fit`` calls.
+class LightningPreemption(PreemptionSession):
+    """One callback's preemption state across ``fit`` calls (the core's session) and what
+    Lightning adds: the agreement across ranks, the save, and the Trainer's SIGTERM flag.
 
     Raises:
         ConfigurationError: ``enabled`` not a bool or a signal that cannot be caught (at
             construction); :meth:`start` outside the main thread.
     """
-
-    def __init__(self, enabled: Any, signals: Sequence[str | int] | str | int) -> None:
-        self.signals = preemption_options(enabled, signals)
-        self.enabled = enabled
-        self.watch: PreemptionWatch | None = None
-        self.done = False  # the preemption save has committed; the trainer was told to stop
-
-    def __eq__(self, other: object) -> bool:  # a pickled callback compares equal (vars)
-        return isinstance(other, LightningPreemption) and (self.signals, self.enabled, self.done) == (
-            other.signals, other.enabled, other.done)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def start(self) -> None:
-        """Install the handlers for a new ``fit`` (an earlier notice is dropped)."""
-        self.close()
-        self.done = False
-        if self.enabled:
-            self.watch = PreemptionWatch(self.signals)
-
-    def due(self) -> str | None:
-        """This process's notice to act on (the signal's name), or ``None``."""
-        return None if self.done or self.watch is None else self.watch.requested
 
     def agreed(self, trainer: pl.Trainer) -> bool:
         """Whether to make the preemption save here: this process's notice, or with several
@@ -102,18 +74,9 @@ class LightningPreemption:
 
     def stopped(self, trainer: pl.Trainer, url: str) -> None:
         """The preemption save at ``url`` has committed: stop training."""
-        self.done = True
         trainer.should_stop = True
         _clear_sigterm(trainer)
-        why = self.watch.requested if self.watch is not None else None
-        log.warning("preemption (%s): saved %s at step %d; training stops", why or "another rank",
-                    url, trainer.global_step)  # fmt: skip
-
-    def close(self) -> None:
-        """Put the previous handlers back (where the Trainer has not already)."""
-        if self.watch is not None:
-            self.watch.close()
-            self.watch = None
+        self.finish(url, f" at step {trainer.global_step:d}")
 
 
 def _clear_sigterm(trainer: pl.Trainer) -> None:

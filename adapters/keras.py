@@ -19,21 +19,21 @@ with require(__name__, "Keras 3 and a backend", "keras"):
         raise ImportError(f"found Keras {keras.__version__}")
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 from checkpointer import CheckpointInfo, CheckpointManager
-from checkpointer.errors import ConfigurationError, MetricError
-from checkpointer.monitor import Monitor, check_options, infer_mode
-from checkpointer.preemption import DEFAULT_SIGNALS
+from checkpointer.errors import ConfigurationError
+from checkpointer.monitor import Monitor, check_options, infer_mode, scalar_metrics
+from checkpointer.payload import local_copy
+from checkpointer.preemption import DEFAULT_SIGNALS, PreemptionSession
 from checkpointer.retention import check_limit
 
 from . import _keras_common as kc
 from ._keras_backup import BackupAndRestore
-from ._keras_state import global_step, load, load_state, local_copy, save, to_state
+from ._keras_state import global_step, load, load_state, save, to_state
 
 __all__ = ["ModelCheckpoint", "BackupAndRestore", "to_state", "load_state", "save", "load",
            "local_copy"]
@@ -102,7 +102,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._directory, self._filename, self._shown = kc.split_filepath(self.filepath, self._keras_file)
         self._monitor = self._resolve_monitor(None)
         self._counter = kc.BatchCounter(self.save_freq) if self.save_freq != "epoch" else None
-        self._preemption = kc.PreemptionStop(save_on_preemption, preemption_signals)
+        self._preemption = PreemptionSession(save_on_preemption, preemption_signals)
         kc.check_preemption_path(save_on_preemption, self.save_best_only,
                               self._filename or "{default}", self.filepath)  # fmt: skip
         self._current_epoch = self._last_batch = 0
@@ -166,7 +166,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             payload=self._write if self._keras_file else None)  # fmt: skip
         self._sync_best()  # resumed: the run goes on with its best
         earlier = [] if ranking is None or resumed else [
-            v for c in manager.checkpoints if (v := _value(ranking, c.metrics)) is not None]
+            v for c in manager.checkpoints if (v := ranking.finite_value(c.metrics)) is not None]
         if ranking is not None and earlier:
             _log.info("%s: this run does not resume (initial_epoch=0, no BackupAndRestore "
                       "restore): the earlier run's record (best %s=%s) is replaced by this run's",
@@ -189,7 +189,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if not (scheduled or forced):
             return
         manager = self._open(epoch)
-        metrics: dict[str, Any] = kc.scalar_logs(logs or {})
+        metrics: dict[str, Any] = scalar_metrics(logs or {})
         if batch is not None and "batch" not in metrics:
             metrics["batch"] = batch + 1
         step = global_step(self.model)
@@ -202,20 +202,21 @@ class ModelCheckpoint(keras.callbacks.Callback):
         else:
             info = manager.epoch_end(epoch + 1, state, step=step, metrics=metrics)
         self._note(info, metrics, previous, epoch + 1, forced)
-        if forced:
-            self._preemption.stopped(self.model, None if info is None else info.url)
+        if forced:  # committed: stop training after this batch
+            self.model.stop_training = True
+            self._preemption.finish(None if info is None else info.url)
 
     def _sync_best(self) -> None:
         """Keras's ``best`` attribute: the manager's best (its last committed, so with
         ``async_save`` one save behind until ``on_train_end``)."""
         best = None if self._manager is None or not self._ranked else self._manager.best
         if best is not None and self._monitor is not None:
-            self.best = _value(self._monitor, best.metrics)
+            self.best = self._monitor.finite_value(best.metrics)
 
     def _note(self, info: CheckpointInfo | None, metrics: dict[str, Any], previous: float | None,
               epoch: int, forced: bool) -> None:  # fmt: skip
         """Keras's ``best`` attribute and messages, from what the manager decided."""
-        value = _value(self._monitor, metrics) if self._ranked and self._monitor else None
+        value = self._monitor.finite_value(metrics) if self._ranked and self._monitor else None
         if info is not None and value is not None and self.save_best_only and not forced:
             self.best = value  # saved under save_best_only: the manager found it an improvement
         elif info is not None:
@@ -232,11 +233,3 @@ class ModelCheckpoint(keras.callbacks.Callback):
             state["epoch"], state["step"] = epoch, step
         return state
 
-
-def _value(monitor: Monitor, metrics: dict[str, Any]) -> float | None:
-    """The finite monitored value in ``metrics``, else ``None``."""
-    try:
-        value = monitor.extract(metrics)
-    except MetricError:  # not a number: never ranked
-        return None
-    return value if value is not None and math.isfinite(value) else None

@@ -16,7 +16,7 @@ from .errors import ConfigurationError, MetricError
 from .hints import close_names
 
 __all__ = ["Monitor", "Score", "infer_mode", "check_options", "optional_monitor",
-           "direction_error"]
+           "direction_error", "scalar_metrics"]
 
 _MIN_WORDS = {"loss", "error", "err", "mse", "mae", "rmse", "mape", "msle", "nll", "cost",
               "perplexity", "ppl", "crossentropy", "entropy", "hinge", "kld", "kl",
@@ -138,6 +138,15 @@ class Monitor:
             return None
         return to_float(self.metric, metrics[self.metric])
 
+    def finite_value(self, metrics: Mapping[str, Any] | None) -> float | None:
+        """The finite monitored value in ``metrics``, else ``None`` (also for a value that is
+        not a number: never ranked)."""
+        try:
+            value = self.extract(metrics)
+        except MetricError:
+            return None
+        return value if value is not None and math.isfinite(value) else None
+
     def score(self, metrics: Mapping[str, Any] | None) -> Score:
         """The monitored value of ``metrics`` under this monitor's ``nan_policy``: the one
         place where a NaN/inf is judged.
@@ -222,6 +231,18 @@ def optional_monitor(metric: str | None, mode: str = "auto", min_delta: float = 
     if mode not in ("auto", "min", "max"):
         raise ConfigurationError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
     return None
+
+
+def scalar_metrics(logs: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``logs`` (a framework's logged values) that are scalar numbers, as
+    floats; the others cannot be metrics and are left out."""
+    out: dict[str, Any] = {}
+    for key, value in logs.items():
+        try:
+            out[key] = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+    return out
 
 
 def _is_number(x: Any) -> bool:

@@ -24,7 +24,8 @@ or the new one, never a torn one; startup cleanup removes a dead writer's tempor
 
 Limits: no replica and one process only (refused at construction); ``restore`` reads state
 checkpoints, not these files: a framework reads them (``model.load_weights(info.url)``).
-This module also holds :func:`fresh_run`, ``CheckpointManager(rank_existing=False)``.
+This module also holds :func:`local_copy` (a local path to such a file, checked first) and
+:func:`fresh_run`, ``CheckpointManager(rank_existing=False)``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -52,12 +53,13 @@ from .index import Entry, entry_from_manifest
 from .manifest import MANIFEST_MAGIC, FileRow, Manifest, parse
 from .owners import new_owner, release_owner
 from .plan import Scored
-from .storage import LocalStore, Store
+from .storage import LocalStore, Store, open_store, split_url
 from .tree import flatten, resolve_state
 
 __all__ = ["PayloadWriter", "SIDECAR_SUFFIX", "sidecar", "check_payload", "StagedFile",
            "stage_file", "file_names", "is_file_checkpoint", "read_file_manifest", "file_entry",
-           "file_entries", "verify_file", "remove_file_checkpoint", "prepare", "fresh_run"]
+           "file_entries", "verify_file", "remove_file_checkpoint", "local_copy", "prepare",
+           "fresh_run"]
 
 log = logging.getLogger("checkpointer")
 PayloadWriter = Callable[[Any, str], None]
@@ -274,6 +276,38 @@ def verify_file(store: Store, name: str) -> Manifest:
     if crc != row.crc32c:
         raise ChecksumMismatchError(f"{store.url_of(name)}: file checksum does not match")
     return m
+
+
+@contextlib.contextmanager
+def local_copy(url: str | os.PathLike[str], *,
+               storage_options: dict[str, Any] | None = None) -> Iterator[str]:  # fmt: skip
+    """A local path to the file at ``url`` (any fsspec URL; a local path as it is) for a
+    framework that reads local files only (Keras's ``model.load_weights`` / ``load_model``);
+    a file checkpoint (one a callback wrote) is checked against its manifest first; the copy
+    goes when the block ends.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``url``.
+        ChecksumMismatchError: the file does not match its manifest.
+
+    Example:
+        >>> with local_copy("s3://bucket/run1/best_model.weights.h5") as path:
+        ...     model.load_weights(path)
+    """
+    parent, name = split_url(os.fspath(url))
+    store = open_store(parent, storage_options)
+    if is_file_checkpoint(store, name):
+        verify_file(store, name)
+    if isinstance(store, LocalStore):
+        yield store.path(name)
+        return
+    folder = tempfile.mkdtemp(prefix="ckpt-keras-")
+    try:
+        with store.open_read(name) as src, open(os.path.join(folder, name), "wb") as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
+        yield os.path.join(folder, name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove_file_checkpoint(store: Store, name: str) -> list[str]:

@@ -6,7 +6,8 @@ handler for each named signal (main thread only: Python delivers signals there);
 handler records the notice and calls the handler it replaced when that one was a Python
 function, so a framework's own handler still runs. :meth:`PreemptionWatch.close` puts the
 previous handlers back (where ours is still the one installed). The manager reads
-:attr:`PreemptionWatch.requested` at each save point and saves there.
+:attr:`PreemptionWatch.requested` at each save point and saves there;
+:class:`PreemptionSession` is a framework callback's watch across its ``fit`` calls.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 from .distributed import Coordinator, pack, unpack
 from .errors import ConfigurationError
 from .info import CheckpointInfo
 
-__all__ = ["Preemption", "PreemptionWatch", "preemption_options", "DEFAULT_SIGNALS", "signal_number", "PREEMPTION"]
+__all__ = ["Preemption", "PreemptionWatch", "PreemptionSession", "preemption_options", "DEFAULT_SIGNALS", "signal_number", "PREEMPTION"]
 
 log = logging.getLogger("checkpointer")
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -122,6 +123,72 @@ class PreemptionWatch:
             except ValueError:  # not the main thread: the handler stays, and only forwards
                 log.warning("could not restore the handler of %s outside the main thread", num.name)
         self._watched = []
+
+
+class PreemptionSession:
+    """One framework callback's preemption state across ``fit`` calls: from :meth:`start`
+    (training begins) to :meth:`close` (it ends) a :class:`PreemptionWatch` records a signal;
+    the callback asks :meth:`due` at each save point, saves, waits for the commit, calls
+    :meth:`finish` and tells its framework to stop. Callbacks may end in another order than
+    they began, but a watch can restore its predecessor only while installed: :meth:`close`
+    releases this one, then closes the released ones at the top of the stack.
+
+    Raises:
+        ConfigurationError: ``enabled`` not a bool or a signal that cannot be caught (at
+            construction); :meth:`start` outside the main thread.
+
+    Example:
+        >>> session = PreemptionSession(True, DEFAULT_SIGNALS)
+        >>> session.start()                       # training begins
+        >>> if session.due():                     # at a save point: save, wait, then
+        ...     session.finish(url)               # and stop the training loop
+        >>> session.close()                       # training ends
+    """
+
+    _stack: ClassVar[list[PreemptionWatch]] = []  # this process's open watches, oldest first
+    _released: ClassVar[set[PreemptionWatch]] = set()  # their callbacks have ended
+
+    def __init__(self, enabled: Any, signals: Sequence[str | int | signal.Signals] | str | int) -> None:
+        self.signals = preemption_options(enabled, signals)
+        self.enabled: bool = enabled
+        self.watch: PreemptionWatch | None = None
+        self.done = False  # the preemption save has committed and training was told to stop
+
+    def __eq__(self, other: object) -> bool:  # a pickled callback compares equal (vars)
+        return isinstance(other, PreemptionSession) and (self.signals, self.enabled, self.done) == (
+            other.signals, other.enabled, other.done)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def start(self) -> None:
+        """Install the handlers for a new ``fit`` (a notice from an earlier one is dropped)."""
+        self.close()
+        self.done = False
+        if self.enabled:
+            self.watch = PreemptionWatch(self.signals)
+            self._stack.append(self.watch)
+
+    def due(self) -> str | None:
+        """This process's notice to act on now (the signal's name), or ``None``."""
+        return None if self.done or self.watch is None else self.watch.requested
+
+    def finish(self, url: str | None, where: str = "") -> None:
+        """The preemption save at ``url`` (``where``: e.g. " at step 7") has committed:
+        record it and log that training stops (the caller tells its framework)."""
+        self.done = True
+        why = self.watch.requested if self.watch is not None else None
+        log.warning("preemption (%s): saved %s%s; training stops", why or "another rank", url, where)
+
+    def close(self) -> None:
+        """Put the previous signal handlers back (once the watches above this one are gone)."""
+        if self.watch is None:
+            return
+        self._released.add(self.watch)
+        self.watch = None
+        while self._stack and self._stack[-1] in self._released:
+            top = self._stack.pop()
+            self._released.discard(top)
+            top.close()
 
 
 class Preemption:
