@@ -4,6 +4,8 @@ Each state is written once by every method. Warm: files in the page cache. Cold:
 each timed call the method's files are fsynced and evicted with
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` (untimed). The baseline is one ``readinto`` loop
 of the raw bytes into a freshly allocated buffer (a loader has to return fresh memory);
+``raw readinto (preallocated)`` reads into one buffer allocated and touched beforehand (no
+page faults: the floor of any read);
 ``checkpointer`` verifies every checksum, ``checkpointer (verify=False)`` skips them.
 
 Run alone: ``python benchmarks/bench_load.py [--large] [--rounds N]``.
@@ -60,8 +62,10 @@ def methods(p: dict[str, str]) -> tuple[dict[str, common.Method], dict[str, str]
     import torch
     from safetensors.numpy import load_file
 
+    ready = np.ones(os.path.getsize(p["raw"]), dtype=np.uint8)  # allocated and faulted in once
     warm: dict[str, tuple[common.Method, str]] = {
         "raw readinto": (lambda: common.raw_readinto(p["raw"]), p["raw"]),
+        "raw readinto (preallocated)": (lambda: common.raw_readinto(p["raw"], ready), p["raw"]),
         "checkpointer": (lambda: checkpointer.load(p["ck"]), p["ck"]),
         "checkpointer (verify=False)": (lambda: checkpointer.load(p["ck"], verify=False), p["ck"]),
         "safetensors load_file": (lambda: load_file(p["st"]), p["st"]),

@@ -128,10 +128,11 @@ def raw_write(path: str, arrays: Sequence[np.ndarray], durable: bool) -> None:
         os.close(fd)
 
 
-def raw_readinto(path: str) -> np.ndarray:
-    """The raw read baseline: one ``readinto`` loop into a fresh buffer the file's size."""
+def raw_readinto(path: str, buf: np.ndarray | None = None) -> np.ndarray:
+    """The raw read baseline: one ``readinto`` loop into a fresh buffer the file's size
+    (or into ``buf``, allocated and touched beforehand: the preallocated baseline)."""
     size = os.path.getsize(path)
-    buf = np.empty(size, dtype=np.uint8)
+    buf = np.empty(size, dtype=np.uint8) if buf is None else buf[:size]
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         got = 0
