@@ -61,10 +61,18 @@ def test_demo_on_s3(s3, capsys):
     assert CheckpointManager(url, storage_options=s3.options).latest.epoch == 4
 
 
+def _interruptible() -> None:
+    # A suite started in the background (``nohup make test &``) runs with SIGINT ignored,
+    # which a child inherits, and Python then installs no KeyboardInterrupt handler; a
+    # terminal's Ctrl-C reaches a program with the default disposition, as here.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_a_message_and_exit_130_not_a_traceback(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "checkpointer", "demo", str(tmp_path / "d"),
                              "--epochs", "100000", "--interrupt-at", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_interruptible)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # wait until it is really training

@@ -58,6 +58,10 @@ class FaultFS:
         self._op("list", path)
         return self.inner.find(path, **kw)
 
+    def ls(self, path: str, **kw: Any) -> Any:
+        self._op("list", path)
+        return self.inner.ls(path, **kw)
+
     def size(self, path: str) -> Any:
         self._op("size", path)
         return self.inner.size(path)
