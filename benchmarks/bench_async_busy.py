@@ -5,7 +5,11 @@ of its own. Here each step runs two BLAS-bound halves on two threads (both cores
 busy), and a 256 MiB state (``--mib``) is saved every ~1.5 s: synchronously, and with
 ``async_save=True`` with the writer thread at several priorities, set by replacing the
 writer thread's initializer (``async_save._lower_priority``): nice 0, nice 5 (as shipped),
-nice 19, and ``SCHED_IDLE`` (Linux). Each save's net stall is its blocking time plus the
+nice 19, and ``SCHED_IDLE`` (Linux); and, at nice 5, two ways of spreading the writer's
+work: smaller writes (1 MiB ``os.write`` calls instead of one per large tensor) and paced
+writeback (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` after every 8 MiB, through libc: the
+kernel starts writing those pages at once instead of in one burst at the ``fsync``), each
+set by replacing ``LocalWriter._write_all`` for that run. Each save's net stall is its blocking time plus the
 extra time of the steps in the window after it (~1.2 s) over the median step before it, as
 in ``bench_async``; the first save of each run (which allocates the staging arena) is left
 out. Rounds alternate the order. Reported: median and best net stall, and the share of the
@@ -21,19 +25,22 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # each half of a step on one core
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import ctypes  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from checkpointer import CheckpointManager, async_save  # noqa: E402
+from checkpointer import CheckpointManager, async_save, localio  # noqa: E402
 
 SYNC = "sync save"
 
@@ -53,6 +60,41 @@ VARIANTS: dict[str, Callable[[], None]] = {"async, writer nice 0": _nice(0), "as
                                            "async, writer nice 19": _nice(19)}
 if hasattr(os, "SCHED_IDLE"):
     VARIANTS["async, writer SCHED_IDLE"] = _idle
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _chunked_writes(chunk: int, paced: bool) -> Callable[[localio.LocalWriter, memoryview], None]:
+    """A ``LocalWriter._write_all`` writing ``chunk`` bytes per call (``paced``: and asking
+    the kernel to start writing each chunk back right away)."""
+    def write_all(self: localio.LocalWriter, view: memoryview) -> None:
+        self._synced = False
+        while view:
+            start = os.lseek(self.fd, 0, os.SEEK_CUR)
+            n = os.write(self.fd, view[:chunk])
+            if paced:
+                _libc.sync_file_range(self.fd, ctypes.c_int64(start), ctypes.c_int64(n), _SYNC_FILE_RANGE_WRITE)
+            view = view[n:]
+    return write_all
+
+
+WRITES: dict[str, Callable[[localio.LocalWriter, memoryview], None]] = {
+    "async, nice 5, 1 MiB writes": _chunked_writes(1 << 20, False),
+    "async, nice 5, paced writeback (8 MiB)": _chunked_writes(8 << 20, True),
+}
+for _name in WRITES:
+    VARIANTS[_name] = _nice(5)
+
+
+@contextlib.contextmanager
+def _writes(kind: str) -> Any:
+    real = localio.LocalWriter._write_all
+    if kind in WRITES:
+        localio.LocalWriter._write_all = WRITES[kind]  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        localio.LocalWriter._write_all = real  # type: ignore[method-assign]
 
 
 def _stepper() -> Callable[[], None]:
@@ -118,8 +160,9 @@ def main() -> None:
     stalls: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(args.rounds):
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
-            stalls[kind] += _run(os.path.join(d, str(kinds.index(kind))), state, step, every, window,
-                                 args.saves, VARIANTS.get(kind))
+            with _writes(kind):
+                stalls[kind] += _run(os.path.join(d, str(kinds.index(kind))), state, step, every, window,
+                                     args.saves, VARIANTS.get(kind))
     common.remove(d)
     sync = statistics.median(stalls[SYNC])
     print("| method | net stall median ms | best ms | share of the sync stall removed (median) |")
